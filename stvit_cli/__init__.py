@@ -1,0 +1,1 @@
+"""The ``stvit`` command line: thin wrappers that parse, call :mod:`stvit_core` and print."""

@@ -1,0 +1,225 @@
+"""The on-disk model format and safe loading of foreign weight files.
+
+A model directory holds ``config.json`` in timm's Hugging Face Hub format (architecture, num_classes,
+``model_args``, ``pretrained_cfg``) plus ``model.safetensors``. The same directory therefore loads with
+``stvit_core.load_model(DIR)``, ``timm.create_model('local-dir:DIR', pretrained=True)`` and, once pushed,
+``timm.create_model('hf-hub:org/name', pretrained=True)``. An extra ``stvit`` key in config.json records
+where the model came from (source model, GFLOPs...) for model cards and reports; timm ignores it.
+
+Directories are written next to their final place under a temporary name and renamed when complete, so a
+crash or a full disk never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, DownloadError, OutputExistsError, StvitError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PathLike = Union[str, os.PathLike]
+
+# Keys under which training scripts commonly nest the state dict, most specific first.
+_STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
+
+
+@contextlib.contextmanager
+def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``output_dir`` only if the block succeeds.
+
+    Raises OutputExistsError when ``output_dir`` exists and ``force`` is False, before any work is done.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not force:
+        raise OutputExistsError(f"{output_dir} already exists (use --force to overwrite)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputExistsError(f"{output_dir} exists and is not a directory")
+    parent = output_dir.parent if str(output_dir.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+    except OSError as e:
+        raise StvitError(f"cannot write to {parent}: {e.strerror or e}") from None
+    try:
+        yield tmp
+        old = None
+        if output_dir.exists():
+            old = parent / f".{output_dir.name}.old-{os.getpid()}"
+            os.replace(output_dir, old)
+        os.replace(tmp, output_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StvitError(f"cannot write {output_dir}: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a file under a temporary name in the same directory, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def model_args_of(model: nn.Module) -> Dict[str, Any]:
+    """The keyword arguments that rebuild ``model`` with ``timm.create_model(architecture, **args)``."""
+    args = dict(getattr(model, "stvit_model_args", None) or {})
+    return args
+
+
+def save_model(
+    model: nn.Module,
+    output_dir: PathLike,
+    *,
+    force: bool = False,
+    metadata: Optional[Mapping[str, Any]] = None,
+    model_args: Optional[Mapping[str, Any]] = None,
+) -> Path:
+    """Save ``model`` as ``config.json`` + ``model.safetensors`` in ``output_dir``, atomically.
+
+    Args:
+        model: a timm model (it must have ``pretrained_cfg``, as every model from ``timm.create_model`` has).
+        output_dir: the directory to create.
+        force: replace an existing directory.
+        metadata: JSON-serialisable facts stored under the ``stvit`` key of config.json.
+        model_args: constructor keyword arguments that rebuild the architecture (recorded as timm's
+            ``model_args``); defaults to what the STViT constructors recorded on the model.
+    """
+    from timm.models import save_for_hf
+
+    args = model_args_of(model)
+    args.update(model_args or {})
+    model_config: Dict[str, Any] = {}
+    if metadata:
+        model_config["stvit"] = dict(metadata)
+    with atomic_directory(output_dir, force=force) as tmp:
+        try:
+            save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True)
+        except ValueError as e:  # e.g. a model argument that is not JSON serialisable
+            raise CheckpointError(f"cannot save model: {e}") from None
+    return Path(output_dir)
+
+
+def read_config(model_dir: PathLike) -> Dict[str, Any]:
+    """Read and check a model directory's config.json."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory")
+    cfg_path = model_dir / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{model_dir} is not a model directory: {CONFIG_NAME} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        raise CheckpointError(f"{cfg_path} has no 'architecture' field; not a timm model config")
+    return cfg
+
+
+def is_model_dir(path: PathLike) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """Load a model from a directory, ``local-dir:DIR``, ``hf-hub:org/name[@revision]`` or a timm name.
+
+    Directories and Hub repos are built by timm itself (``local-dir:`` / ``hf-hub:``), so this returns
+    exactly what ``timm.create_model(..., pretrained=True)`` returns; errors become one-line
+    :class:`StvitError` messages. Extra keyword arguments go to ``timm.create_model`` (e.g. ``num_classes``).
+    """
+    import timm
+
+    from . import models  # noqa: F401  (make sure our architectures are registered)
+
+    spec = str(spec)
+    if spec.startswith("local-dir:"):
+        spec = spec[len("local-dir:"):]
+    if spec.startswith("hf-hub:"):
+        return _create_from_hub(spec, pretrained=pretrained, **kwargs)
+    path = Path(spec)
+    if path.exists() or os.sep in spec or spec.startswith("."):
+        cfg = read_config(path)
+        if not timm.is_model(cfg["architecture"]):
+            raise CheckpointError(f"{path}: unknown architecture {cfg['architecture']!r}")
+        if pretrained and not (path / WEIGHTS_NAME).is_file() and not (path / "pytorch_model.bin").is_file():
+            raise CheckpointError(f"{path} has no weights file ({WEIGHTS_NAME})")
+        try:
+            return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+        except StvitError:
+            raise
+        except Exception as e:  # corrupt safetensors, shape mismatch...
+            raise CheckpointError(f"cannot load {path}: {_one_line(e)}") from None
+    if not timm.is_model(spec):
+        raise StvitError(f"unknown model {spec!r}: not a directory, 'hf-hub:' id or timm model name")
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        raise DownloadError(f"cannot load pretrained weights for {spec}: {_one_line(e)}") from None
+
+
+def _create_from_hub(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        raise DownloadError(f"cannot load {spec}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    return first[:400]
+
+
+def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Load a weights file without executing pickled code.
+
+    Accepts ``.safetensors`` and torch files (``.pth``/``.pt``/``.bin``) holding a plain state dict or one
+    nested under ``model``/``state_dict``/``model_ema``/``state_dict_ema``/``module``. A ``module.`` prefix
+    (DataParallel/DDP) is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
+    if isinstance(obj, Mapping):
+        for key in _STATE_DICT_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    state_dict = dict(obj)
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict

@@ -1,0 +1,1 @@
+"""STViT model families. Importing this package registers every model with timm."""
