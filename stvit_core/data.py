@@ -1,0 +1,282 @@
+"""Datasets and transforms: a thin layer over ``timm.data``, plus the embedded Fashion-MNIST subset.
+
+Layout: an ImageFolder tree, ``ROOT/{train,val}/<class_name>/*.png|jpg|...`` (ImageNet's layout; timm's
+split synonyms ``validation``/``val``/``eval`` are accepted). Class indices are the folder names in timm's
+natural sort order unless a ``class_map`` (name -> index) is given, e.g. the ImageNet-1k synset order.
+
+Images are decoded in RGB (``input_img_mode='RGB'``), so grey images such as Fashion-MNIST feed an RGB
+model as three equal channels.
+
+Corrupt images: **fail with a clear error**. timm's ``ImageDataset`` silently substitutes the next sample
+when one cannot be decoded, which changes what a run trains on and makes counts wrong; here a file that
+cannot be decoded raises :class:`DataError` naming it, the run stops (a checkpoint lets it resume after
+the file is fixed or removed). ``check_images`` finds every bad file of a tree up front.
+
+Augmentation is a pure function of ``(seed, epoch, sample index)``: each sample's transform runs under
+its own seeded RNG (see :class:`StrictImageDataset`). A run therefore sees the same images whatever the
+number of loader workers, processes or interruptions, which is what exact ``--resume`` needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.utils.data
+from PIL import Image
+
+from .errors import DataError
+
+_logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+EMBEDDED_DATASET = "fashion_mnist_subset"
+_TRAIN_NAMES = ("train", "training")
+_EVAL_NAMES = ("val", "validation", "valid", "eval", "evaluation", "test")
+
+
+def embedded_dataset_path() -> Path:
+    """The embedded Fashion-MNIST subset (10 classes, 2000 train + 500 val grey 28x28 PNGs, MIT)."""
+    path = Path(__file__).resolve().parent / "data" / EMBEDDED_DATASET
+    if not (path / "train").is_dir():
+        raise DataError(f"the embedded dataset is missing from this installation ({path})")
+    return path
+
+
+def resolve_data_root(spec: PathLike) -> Path:
+    """Accept a directory, or the names ``fashion-mnist`` / ``embedded`` for the embedded subset."""
+    if str(spec).lower() in ("embedded", "fashion-mnist", "fashion_mnist", EMBEDDED_DATASET):
+        return embedded_dataset_path()
+    return Path(spec)
+
+
+def split_folder(root: PathLike, split: str) -> Path:
+    """The folder of ``split`` ('train' or 'val') under ``root``; ``root`` itself if it has class folders only."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    names = _TRAIN_NAMES if split in _TRAIN_NAMES else _EVAL_NAMES
+    for name in (split, *names):
+        if (root / name).is_dir():
+            return root / name
+    if any((root / n).is_dir() for n in _TRAIN_NAMES + _EVAL_NAMES):
+        raise DataError(f"{root} has no '{split}' folder")
+    return root
+
+
+def folder_classes(folder: PathLike) -> List[str]:
+    """Class folder names in timm's natural order (the order timm's ImageFolder reader assigns indices)."""
+    from timm.data.readers.reader_image_folder import natural_key
+
+    folder = Path(folder)
+    return sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+
+
+class StrictImageDataset(torch.utils.data.Dataset):
+    """timm's folder reader with the corrupt-image policy above and per-sample seeded augmentation."""
+
+    def __init__(
+        self,
+        folder: PathLike,
+        *,
+        class_map: Optional[Mapping[str, int]] = None,
+        transform: Optional[Any] = None,
+        seed: Optional[int] = None,
+    ) -> None:
+        from timm.data.readers import create_reader
+
+        self.folder = Path(folder)
+        try:
+            self.reader = create_reader("", root=str(self.folder), class_map=dict(class_map) if class_map else "")
+        except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+            raise DataError(f"no images in {self.folder}: {str(e).splitlines()[0]}") from None
+        if len(self.reader) == 0:
+            raise DataError(f"no images in {self.folder}")
+        self.class_to_idx: Dict[str, int] = dict(self.reader.class_to_idx)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def targets(self) -> List[int]:
+        return [t for _, t in self.reader.samples]
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def filename(self, index: int) -> str:
+        return self.reader.filename(index, absolute=True)
+
+    def load(self, index: int) -> Tuple[Image.Image, int]:
+        path, target = self.reader.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"cannot read image {path}: {e}") from None
+        return img, target
+
+    def __getitem__(self, index: int):
+        img, target = self.load(index)
+        if self.transform is None:
+            return img, target
+        if self.seed is None:
+            return self.transform(img), target
+        with _seeded_rng(_sample_seed(self.seed, self.epoch, index)):
+            return self.transform(img), target
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF
+
+
+class _seeded_rng:
+    """Run a block under seeded python/numpy/torch RNGs and restore the caller's states afterwards."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)  # CPU only: leave CUDA's dropout RNG alone
+
+    def __exit__(self, *exc: Any) -> None:
+        random.setstate(self.states[0])
+        np.random.set_state(self.states[1])
+        torch.set_rng_state(self.states[2])
+
+
+def check_images(folder: PathLike) -> List[str]:
+    """Decode every image under ``folder``; return the paths that fail (empty list: all good)."""
+    dataset = StrictImageDataset(folder)
+    bad = []
+    for i in range(len(dataset)):
+        try:
+            dataset.load(i)
+        except DataError:
+            bad.append(dataset.filename(i))
+    return bad
+
+
+def model_data_config(model: nn.Module, overrides: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The model's own preprocessing (input size, mean/std, interpolation, crop) from its pretrained_cfg.
+
+    Uses the model's current input size (a DeiT built with ``img_size=32`` reports 32, not its default 224).
+    """
+    args = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        from timm.data.model_config import resolve_input_data_config
+
+        return dict(resolve_input_data_config(model, args=args))
+    except ImportError:  # timm < 1.0.30
+        from timm.data import resolve_data_config
+
+        patch_embed = getattr(model, "patch_embed", None)
+        size = getattr(patch_embed, "img_size", None)
+        if size is not None and "input_size" not in args:
+            args["input_size"] = (3, *tuple(size))
+        return dict(resolve_data_config(args, model=model))
+
+
+def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augment: Optional[str] = None,
+                    re_prob: float = 0.0, scale: Tuple[float, float] = (0.08, 1.0), hflip: float = 0.5):
+    """timm's train (RandomResizedCrop, flip, RandAugment, random erasing) or eval (resize + crop) transform."""
+    from timm.data import create_transform
+
+    common = dict(
+        input_size=data_config["input_size"],
+        interpolation=data_config.get("interpolation", "bicubic"),
+        mean=data_config["mean"],
+        std=data_config["std"],
+    )
+    if training:
+        return create_transform(is_training=True, auto_augment=auto_augment or None, re_prob=re_prob,
+                                scale=tuple(scale), hflip=hflip, **common)
+    return create_transform(is_training=False, crop_pct=data_config.get("crop_pct"),
+                            crop_mode=data_config.get("crop_mode", "center"), **common)
+
+
+def check_num_classes(dataset: StrictImageDataset, num_classes: int) -> None:
+    """Fail clearly when the data's classes do not fit the model's head."""
+    n = len(dataset.class_to_idx)
+    if num_classes <= 0:
+        raise DataError("the model has no classification head (num_classes=0); give --num-classes")
+    if max(dataset.class_to_idx.values()) >= num_classes:
+        raise DataError(
+            f"{dataset.folder} has {n} classes but the model's head has {num_classes} outputs; "
+            f"pass --num-classes {n} to reset the head"
+        )
+
+
+def imagenet_class_map() -> Dict[str, int]:
+    """ImageNet-1k synset -> class index, in timm's ``ImageNetInfo`` order (the order of every timm head)."""
+    from timm.data import ImageNetInfo
+
+    return {synset: i for i, synset in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+
+
+def imagenet_dataset(folder: PathLike, transform: Any) -> StrictImageDataset:
+    """ImageNet-1k validation images in synset folders (``n01440764/...``), indexed in timm's order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    class_map = imagenet_class_map()
+    names = folder_classes(folder)
+    unknown = [n for n in names if n not in class_map]
+    if not names:
+        raise DataError(f"{folder} has no class folders (expected ImageNet synset folders like n01440764)")
+    if unknown:
+        raise DataError(
+            f"{folder}: {len(unknown)} folder(s) are not ImageNet-1k synsets (e.g. {unknown[0]!r}); "
+            "use 'stvit eval folder' for other datasets"
+        )
+    return StrictImageDataset(folder, class_map=class_map, transform=transform)
+
+
+def label_map_from_model(model: nn.Module) -> Optional[Dict[str, int]]:
+    """The model's own class names (``pretrained_cfg['label_names']``) as name -> index, if it has them."""
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if isinstance(names, Mapping):
+        return {str(v): int(k) for k, v in names.items()}
+    if isinstance(names, Sequence) and not isinstance(names, str) and names:
+        return {str(n): i for i, n in enumerate(names)}
+    return None
+
+
+def folder_dataset(folder: PathLike, transform: Any, class_names: Optional[Mapping[str, int]] = None,
+                   seed: Optional[int] = None) -> StrictImageDataset:
+    """An ImageFolder dataset; with ``class_names`` every folder must be one of the model's classes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    names = folder_classes(folder)
+    if not names:
+        raise DataError(f"{folder} is empty: expected one sub-folder of images per class")
+    if class_names:
+        unknown = [n for n in names if n not in class_names]
+        if unknown:
+            raise DataError(f"{folder}: class folder {unknown[0]!r} is not one of the model's classes "
+                            f"({', '.join(list(class_names)[:5])}, ...)")
+    return StrictImageDataset(folder, class_map=class_names, transform=transform, seed=seed)
+
+
+def reraise_loader_error(e: BaseException) -> None:
+    """DataLoader workers re-raise errors with the worker's traceback in the message; keep one line."""
+    if isinstance(e, DataError):
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        last = lines[-1] if lines else "data error"
+        prefix = "stvit_core.errors.DataError: "
+        raise DataError(last[len(prefix):] if last.startswith(prefix) else last) from None
