@@ -209,12 +209,12 @@ def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augm
                             crop_mode=data_config.get("crop_mode", "center"), **common)
 
 
-def check_num_classes(dataset: StrictImageDataset, num_classes: int) -> None:
-    """Fail clearly when the data's classes do not fit the model's head."""
+def check_num_classes(dataset: StrictImageDataset, num_classes: int, *, exact: bool = False) -> None:
+    """Fail clearly when the data's classes do not fit the model's head (``exact``: training, sizes equal)."""
     n = len(dataset.class_to_idx)
     if num_classes <= 0:
-        raise DataError("the model has no classification head (num_classes=0); give --num-classes")
-    if max(dataset.class_to_idx.values()) >= num_classes:
+        raise DataError(f"the model has no classification head (num_classes=0); pass --num-classes {n}")
+    if max(dataset.class_to_idx.values()) >= num_classes or (exact and n != num_classes):
         raise DataError(
             f"{dataset.folder} has {n} classes but the model's head has {num_classes} outputs; "
             f"pass --num-classes {n} to reset the head"

@@ -294,8 +294,15 @@ def create_model_for_training(
         from .convert import convert
     except ImportError:
         raise StvitError("converting on the fly needs stvit_core.convert, which this installation lacks") from None
-    return convert(spec, num_semantic_tokens=16 if tokens is None else tokens, pretrained=pretrained,
-                   checkpoint=checkpoint, **kwargs)
+    # The source keeps its own head (so a checkpoint loads strictly); the converted head is reset after.
+    source_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "drop_path_rate")}
+    model = convert(spec, num_semantic_tokens=16 if tokens is None else tokens, pretrained=pretrained,
+                    checkpoint=checkpoint, source_kwargs=source_kwargs,
+                    **({"drop_path_rate": drop_path} if drop_path is not None else {}))
+    if num_classes is not None and num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+        model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": num_classes}
+    return model
 
 
 def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[str] = None,
@@ -303,7 +310,16 @@ def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[s
     """The distillation teacher: a model directory, ``hf-hub:`` id or timm name (the unconverted source)."""
     from .checkpoint import load_model
 
+    from .checkpoint import is_model_dir
+
     kwargs = dict(model_kwargs or {})
+    if not (spec.startswith(("local-dir:", "hf-hub:", "stvit_")) or is_model_dir(spec) or os.sep in spec):
+        try:
+            from .convert import build_source_model
+        except ImportError:
+            build_source_model = None
+        if build_source_model is not None:  # understands aliases such as deit_small
+            return build_source_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     model = load_model(spec, pretrained=pretrained and not checkpoint, **kwargs)
     if checkpoint:
         _load_weights(model, checkpoint)
@@ -399,15 +415,15 @@ def _autocast(device: torch.device, amp: Optional[str]):
 # -------------------------------------------------------------------------------------------- state
 
 def _rng_state() -> Dict[str, Any]:
+    """Every RNG state as plain Python values (safe to pickle across ranks and to load with weights_only)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
-        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state().tolist(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -415,10 +431,10 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def _gather_rng(dist: DistInfo) -> List[Dict[str, Any]]:
@@ -570,7 +586,7 @@ def train(
     val_set = stdata.folder_dataset(val_dir, eval_tf, class_names=train_set.class_to_idx)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None:
-        stdata.check_num_classes(train_set, num_classes)
+        stdata.check_num_classes(train_set, num_classes, exact=True)
     class_names = sorted(train_set.class_to_idx, key=train_set.class_to_idx.get)
 
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=dist.world_size, rank=dist.rank,

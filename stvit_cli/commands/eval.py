@@ -1,0 +1,102 @@
+"""``stvit eval imagenet`` and ``stvit eval folder``: top-1/top-5, loss, img/s, params and GFLOPs."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional
+
+import click
+
+
+def _common_options(func):
+    options = [
+        click.option("--model", "-m", "model_spec", required=True,
+                     help="Model directory, hf-hub:org/name or timm name (with its pretrained weights)."),
+        click.option("--data", "-d", required=True, help="Folder of class folders (or a root with val/)."),
+        click.option("--batch-size", "-b", type=int, default=64, show_default=True),
+        click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if available]."),
+        click.option("--workers", type=int, default=2, show_default=True, help="Data loader workers."),
+        click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Autocast on GPU."),
+        click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object."),
+        click.option("--results-file", default=None, type=click.Path(dir_okay=False),
+                     help="Also write the results to a .csv or .json file."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _run(imagenet: bool, model_spec: str, data: str, batch_size: int, device: Optional[str], workers: int,
+         amp: Optional[str], as_json: bool, results_file: Optional[str]) -> None:
+    from stvit_core.evaluate import evaluate_model, write_results_file
+
+    if results_file and not (results_file.endswith(".csv") or results_file.endswith(".json")):
+        from stvit_core.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--results-file must end in .csv or .json: {results_file}")
+    result = evaluate_model(model_spec, data, imagenet=imagenet, batch_size=batch_size, device=device,
+                            workers=workers, amp=amp)
+    if not _is_main_process():
+        return
+    if results_file:
+        write_results_file(results_file, result)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print(result)
+
+
+def _is_main_process() -> bool:
+    import torch.distributed
+
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _print(result: Dict[str, Any]) -> None:
+    gflops = "n/a" if result["gflops"] is None else f"{result['gflops']:.3f}"
+    click.echo(f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+               f"loss {result['loss']:.4f}  on {result['images']} images")
+    click.echo(f"  {result['img_per_sec']:.1f} img/s on {result['device']} (batch {result['batch_size']}), "
+               f"{result['params'] / 1e6:.2f} M params, {gflops} GFLOPs at {result['input_size']}")
+
+
+@click.group(name="eval")
+def eval_group() -> None:
+    """Evaluate a model: ImageNet-1k validation or any labelled image folder.
+
+    \b
+    Examples:
+      stvit eval imagenet -m stvit-deit-s -d /data/imagenet/val --json
+      stvit eval folder -m runs/fm/best -d fashion-mnist --results-file fm.csv
+    """
+
+
+@eval_group.command()
+@_common_options
+def imagenet(**kwargs: Any) -> None:
+    """ImageNet-1k validation in synset folders (n01440764/...), with the model's own preprocessing.
+
+    Class indices follow timm's ImageNet-1k synset order; a subset of the 1000 folders is fine.
+
+    \b
+    Examples:
+      stvit eval imagenet -m stvit-deit-s -d /data/imagenet/val
+      stvit eval imagenet -m hf-hub:org/stvit-deit-s -d /data/imagenet --results-file r.csv --json
+    """
+    _run(True, **kwargs)
+
+
+@eval_group.command()
+@_common_options
+def folder(**kwargs: Any) -> None:
+    """Any labelled ImageFolder (class folders, or a root with val/).
+
+    Classes map to the model's label_names when it has them (models from 'stvit finetune' do), else to
+    the sorted folder names. 'fashion-mnist' names the embedded subset.
+
+    \b
+    Examples:
+      stvit eval folder -m runs/fm/best -d fashion-mnist
+      stvit eval folder -m runs/fm/best -d /data/my_images/val --json
+    """
+    _run(False, **kwargs)

@@ -1,0 +1,160 @@
+"""``stvit finetune``: fine-tune a converted (or any timm) model on an ImageFolder; torchrun-ready."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional, Tuple
+
+import click
+
+
+def _parse_model_args(values: Tuple[str, ...]) -> Dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false)."""
+    from stvit_core.errors import InvalidArgumentError
+
+    args: Dict[str, Any] = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError(f"--model-arg takes key=value, not {item!r}")
+        try:
+            args[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            args[key] = raw
+    return args
+
+
+@click.command()
+@click.option("--model", "-m", "model_spec", required=True,
+              help="Model directory (from 'stvit convert' or a previous finetune), hf-hub:org/name, a timm "
+                   "name to convert on the fly (deit_tiny, deit_small_patch16_224...) or an stvit_* name.")
+@click.option("--data", "-d", required=True,
+              help="ImageFolder root with train/ and val/ class folders; 'fashion-mnist' for the embedded subset.")
+@click.option("--output", "-o", required=True, help="Output directory (checkpoints, metrics, best/ model).")
+@click.option("--tokens", type=int, default=None, help="Semantic tokens when converting a name [default: 16].")
+@click.option("--num-classes", type=int, default=None, help="Reset the head to this many classes.")
+@click.option("--no-pretrained", is_flag=True, help="Start from random weights (names only).")
+@click.option("--checkpoint", default=None, help="Weights file for a model name, instead of its pretrained weights.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+              help="Extra model constructor argument, e.g. img_size=32 patch_size=4 (repeatable).")
+@click.option("--recipe", type=click.Choice(["finetune", "paper"]), default=None,
+              help="Preset: 'finetune' (short, light; default) or 'paper' (the STViT/DeiT 300-epoch recipe).")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+              help="YAML file of options (names as below, with underscores); command-line options win.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", "-b", type=int, default=None, help="Per process.")
+@click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps.")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: base-lr x global batch / base-batch].")
+@click.option("--base-lr", type=float, default=None)
+@click.option("--min-lr", type=float, default=None)
+@click.option("--warmup-epochs", type=float, default=None)
+@click.option("--weight-decay", type=float, default=None)
+@click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (e.g. 0.75).")
+@click.option("--clip-grad", type=float, default=None)
+@click.option("--drop-path", type=float, default=None)
+@click.option("--smoothing", type=float, default=None)
+@click.option("--mixup", type=float, default=None)
+@click.option("--cutmix", type=float, default=None)
+@click.option("--aa", default=None, help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1.")
+@click.option("--reprob", type=float, default=None, help="Random erasing probability.")
+@click.option("--model-ema/--no-model-ema", default=None, help="Keep an EMA of the weights (timm ModelEmaV3).")
+@click.option("--model-ema-decay", type=float, default=None)
+@click.option("--distill", type=click.Choice(["soft", "hard"]), default=None,
+              help="Distil from the teacher's head output: soft KL or hard labels.")
+@click.option("--teacher", default=None,
+              help="Teacher model (dir, hf-hub: or name) [default with --distill: the source of a converted name].")
+@click.option("--distill-alpha", type=float, default=None)
+@click.option("--distill-tau", type=float, default=None)
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Autocast on GPU.")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
+@click.option("--workers", type=int, default=None, help="Data loader workers per process.")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if available].")
+@click.option("--checkpoint-every-steps", type=int, default=None, help="Also checkpoint every K optimizer steps.")
+@click.option("--deterministic", is_flag=True, default=None, help="torch.use_deterministic_algorithms(True).")
+@click.option("--resume", default=None, type=click.Path(dir_okay=False),
+              help="Continue exactly from a checkpoint (OUT/checkpoints/last.pth).")
+@click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
+@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bars or per-epoch lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
+def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num_classes: Optional[int],
+             no_pretrained: bool, checkpoint: Optional[str], model_args: Tuple[str, ...], recipe: Optional[str],
+             config_file: Optional[str], teacher: Optional[str], resume: Optional[str], force: bool,
+             as_json: bool, compile_: Optional[bool], **options: Any) -> None:
+    """Fine-tune MODEL on an ImageFolder dataset and export the best model to OUTPUT/best.
+
+    Runs on one CPU or GPU, or on many GPUs and machines when launched with torchrun (DDP). Checkpoints
+    every epoch; Ctrl-C or SIGTERM saves one and exits; --resume continues exactly. Corrupt images stop
+    the run with an error naming the file.
+
+    \b
+    Examples:
+      stvit finetune -m stvit-deit-s -d /data/imagenet -o runs/ft --epochs 30
+      stvit finetune -m deit_tiny --tokens 16 --no-pretrained -d fashion-mnist -o runs/fm \\
+          --model-arg img_size=32 --model-arg patch_size=4 --num-classes 10 --epochs 5
+      stvit finetune -m runs/fm/best -d fashion-mnist -o runs/fm2 --distill soft --teacher runs/deit/best
+      stvit finetune -m runs/fm/best -d fashion-mnist -o runs/fm --resume runs/fm/checkpoints/last.pth
+      torchrun --nproc_per_node 8 -m stvit_cli finetune -m stvit-deit-s -d /data/imagenet -o runs/ft --amp bf16
+    """
+    from stvit_core import train as st
+    from stvit_core.data import resolve_data_root, split_folder
+
+    overrides = dict(options, data=data, output=output, recipe=recipe, compile=compile_)
+    cfg = st.resolve_config(recipe, config_file, overrides)
+    kwargs = _parse_model_args(model_args)
+
+    # Head size: --num-classes, else keep the model's head; the trainer checks the data against it.
+    if num_classes is not None and num_classes < 1:
+        from stvit_core.errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--num-classes must be at least 1")
+    split_folder(resolve_data_root(data), "train")  # fail on a missing data folder before building models
+    import torch
+
+    torch.manual_seed(cfg.seed)  # a new head and random init are reproducible (torch's default seed is not)
+    student = st.create_model_for_training(
+        model_spec, tokens=tokens, pretrained=not no_pretrained, checkpoint=checkpoint,
+        num_classes=num_classes, drop_path=cfg.drop_path, model_kwargs=kwargs)
+    teacher_model = None
+    if cfg.distill:
+        teacher_spec = teacher
+        teacher_ckpt = None
+        if teacher_spec is None:
+            if model_spec.startswith("stvit_") or "/" in model_spec or ":" in model_spec:
+                from stvit_core.errors import InvalidArgumentError
+
+                raise InvalidArgumentError("--distill needs --teacher (the unconverted source model)")
+            teacher_spec, teacher_ckpt = model_spec, checkpoint
+        teacher_kwargs = {k: v for k, v in kwargs.items() if k != "num_semantic_tokens"}
+        if num_classes is not None:
+            teacher_kwargs["num_classes"] = num_classes
+        teacher_model = st.create_teacher(teacher_spec, pretrained=not no_pretrained, checkpoint=teacher_ckpt,
+                                          model_kwargs=teacher_kwargs)
+        if getattr(teacher_model, "num_classes", None) != getattr(student, "num_classes", None):
+            from stvit_core.errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"teacher has {teacher_model.num_classes} classes, student "
+                                       f"{student.num_classes}: the teacher must be trained on the same classes")
+
+    verbose = not cfg.quiet and not as_json
+
+    def report(row: Dict[str, Any]) -> None:
+        if verbose:
+            ema = f"  ema top1 {row['ema_top1']:.2f}" if row.get("ema_top1") is not None else ""
+            click.echo(f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}"
+                       f"  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}{ema}  "
+                       f"({row['train_img_per_sec']:.0f} img/s)", err=True)
+
+    result = st.train(cfg, student, teacher=teacher_model, resume=resume, force=force, on_epoch_end=report,
+                      extra_config={"model": model_spec, "tokens": tokens, "teacher": teacher,
+                                    "model_args": kwargs, "pretrained": not no_pretrained})
+    if int(result.get("world_size", 1)) > 1:
+        import torch.distributed
+
+        if torch.distributed.get_rank() != 0:
+            return
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"best top-1 {result['best_top1']:.2f} at epoch {result['best_epoch']}; "
+                   f"model saved to {output}/best")

@@ -1,0 +1,203 @@
+"""stvit_core.train and ``stvit finetune`` on real data and real processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stvit_core import load_model
+from stvit_core.train import DistillationLoss, resolve_config, train
+from stvit_core.errors import InvalidArgumentError
+from train_utils import ROOT, assert_one_line_error, cli, env, make_subset, tiny_deit, tiny_stvit
+
+MODEL_ARGS = ["--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
+              "--model-arg", "depth=6", "--model-arg", "num_heads=2", "--model-arg", "num_image_blocks=2",
+              "--num-classes", "10"]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    return make_subset(tmp_path_factory.mktemp("fm") / "data", 30, 10)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from stvit_core import save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "stvit-tiny"
+    save_model(tiny_stvit(tokens=4), path)
+    return path
+
+
+def test_short_finetune_lowers_loss_and_raises_accuracy(small_data, tmp_path):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = resolve_config(overrides=dict(data=str(small_data), output=str(tmp_path / "run"), epochs=5, batch_size=10,
+                                        workers=0, lr=1e-3, warmup_epochs=0.5, scale_min=0.5, drop_path=0.0,
+                                        smoothing=0.0))
+    rows = []
+    result = train(cfg, tiny_stvit(tokens=4), on_epoch_end=rows.append)
+    assert len(rows) == 5
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 0.2
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert result["best_top1"] >= 30.0 and result["best_top1"] >= rows[0]["top1"] + 10  # chance: 10%
+    out = tmp_path / "run"
+    assert (out / "metrics.csv").read_text().count("\n") == 6
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
+    assert (out / "config.yaml").is_file() and (out / "curves.png").stat().st_size > 1000
+    best = load_model(out / "best")
+    assert best.pretrained_cfg["label_names"][0] == "ankle_boot"
+    assert json.loads((out / "best" / "config.json").read_text())["stvit"]["finetuned"]["top1"] == result["best_top1"]
+
+
+def test_distillation_and_ema_paths_run(small_data, tmp_path):
+    torch.manual_seed(0)
+    teacher = tiny_deit(depth=2)
+    cfg = resolve_config(overrides=dict(data=str(small_data), output=str(tmp_path / "run"), epochs=1, batch_size=20,
+                                        workers=0, distill="soft", model_ema=True, model_ema_decay=0.5, mixup=0.8,
+                                        cutmix=1.0))
+    result = train(cfg, tiny_stvit(tokens=4), teacher=teacher)
+    assert result["ema_top1"] is not None and 0 <= result["ema_top1"] <= 100
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pth", weights_only=True)
+    assert ckpt["ema"] is not None
+
+
+def test_distillation_loss_reads_the_teacher():
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    targets = torch.randint(0, 3, (8,))
+    soft = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, "soft", alpha=1.0, tau=2.0)
+    assert soft(x, teacher(x), targets).item() == pytest.approx(0.0, abs=1e-6)  # student == teacher
+    hard = DistillationLoss(torch.nn.CrossEntropyLoss(), teacher, "hard", alpha=1.0, tau=1.0)
+    student = torch.randn(8, 3)
+    expected = torch.nn.functional.cross_entropy(student, teacher(x).argmax(-1))
+    assert hard(x, student, targets).item() == pytest.approx(expected.item())
+
+
+def test_config_precedence(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("recipe: paper\nepochs: 7\nmixup: 0.1\n")
+    cfg = resolve_config(None, str(yaml_file), {"mixup": 0.2, "lr": None})
+    assert (cfg.recipe, cfg.epochs, cfg.mixup, cfg.cutmix, cfg.warmup_epochs, cfg.base_lr) == ("paper", 7, 0.2, 1.0, 20, 1e-3)
+    yaml_file.write_text("bogus_option: 1\n")
+    with pytest.raises(InvalidArgumentError, match="bogus_option"):
+        resolve_config(None, str(yaml_file), {})
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_mid_epoch_is_exact(tmp_path):
+    data = make_subset(tmp_path / "data", 20, 5)
+    common = ["finetune", "-m", "stvit_deit_tiny_patch16_224", "--no-pretrained", "--tokens", "4", *MODEL_ARGS,
+              "-d", str(data), "--epochs", "2", "-b", "10", "--workers", "0", "--deterministic", "--seed", "1",
+              "--aa", "rand-m9-mstd0.5", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+              "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--quiet"]
+    full = cli([*common, "-o", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "stvit_cli", *common, "-o", str(out), "--checkpoint-every-steps", "3"],
+                            env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.pth"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = torch.load(last, weights_only=True)
+    assert (ckpt["epoch"], ckpt["batches_done"]) != (2, 0), "the run finished before it could be killed"
+    resumed = cli([*common, "-o", str(out), "--resume", str(last)])
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = _weights(tmp_path / "full" / "checkpoints" / "last.pth"), _weights(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ea = torch.load(tmp_path / "full" / "checkpoints" / "last.pth", weights_only=True)["ema"]
+    eb = torch.load(last, weights_only=True)["ema"]
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    rows_a = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["top1"] for r in rows_a] == [r["top1"] for r in rows_b]
+    assert rows_a[-1]["train_loss"] == pytest.approx(rows_b[-1]["train_loss"], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = make_subset(tmp_path / "data", 30, 2)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "stvit_cli", "finetune", "-m", "stvit_deit_tiny_patch16_224",
+                             "--no-pretrained", "--tokens", "4", *MODEL_ARGS, "-d", str(data), "-o", str(out),
+                             "--epochs", "50", "-b", "10", "--workers", "0", "--quiet"],
+                            env=env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr.strip().splitlines()[-1]
+    ckpt = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
+    assert ckpt["num_updates"] >= 1
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_and_eval_agrees(tmp_path):
+    data = make_subset(tmp_path / "data", 20, 7)  # 70 val images: uneven shards across 2 ranks
+    out = tmp_path / "ddp"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "stvit_cli", "finetune", "-m", "stvit_deit_tiny_patch16_224", "--no-pretrained",
+                          "--tokens", "4", *MODEL_ARGS, "-d", str(data), "-o", str(out), "--epochs", "1", "-b", "10",
+                          "--workers", "0", "--json"],
+                         capture_output=True, text=True, timeout=300, env=env(), cwd=ROOT)
+    assert run.returncode == 0, run.stderr[:3000]
+    summary = json.loads(run.stdout[run.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["step"] == 10  # 200 images / (2 ranks x 10)
+    config = (out / "config.yaml").read_text()
+    assert "world_size: 2" in config
+    single = cli(["eval", "folder", "-m", str(out / "best"), "-d", str(data / "val"), "--json", "--workers", "0"])
+    assert single.returncode == 0, single.stderr
+    result = json.loads(single.stdout)
+    assert result["images"] == 70
+    assert round(result["top1"] * 70 / 100) == round(summary["top1"] * 70 / 100)  # same correct count
+    assert result["top5"] == pytest.approx(summary["top5"], abs=1e-3)
+    assert result["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_cli_bad_inputs(tmp_path, small_data, tiny_model_dir):
+    base = ["finetune", "-m", str(tiny_model_dir), "--epochs", "1", "-b", "10", "--workers", "0", "--quiet"]
+    r = cli([*base, "-d", str(tmp_path / "missing"), "-o", str(tmp_path / "o1")])
+    assert_one_line_error(r, "not found")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    r = cli([*base, "-d", str(tmp_path / "empty"), "-o", str(tmp_path / "o2")])
+    assert_one_line_error(r, "empty")
+    three = make_subset(tmp_path / "three", 4, 2, classes=["bag", "coat", "dress"])
+    r = cli([*base, "-d", str(three), "-o", str(tmp_path / "o3")])
+    assert_one_line_error(r, "--num-classes 3")
+    (three / "train" / "coat" / "zz_broken.png").write_bytes(b"garbage")
+    r = cli([*base, "-d", str(three), "-o", str(tmp_path / "o4"), "--num-classes", "3"])
+    assert_one_line_error(r, "zz_broken.png")
+    assert not (tmp_path / "o4" / "best").exists()
+    # a training checkpoint of a different model (other width) cannot be resumed here
+    other = cli(["finetune", "-m", "stvit_deit_tiny_patch16_224", "--no-pretrained", "--tokens", "4", *MODEL_ARGS,
+                 "--model-arg", "embed_dim=32", "-d", str(small_data), "-o", str(tmp_path / "other"), "--epochs", "1",
+                 "-b", "50", "--workers", "0", "--quiet"])
+    assert other.returncode == 0, other.stderr
+    r = cli([*base, "-d", str(small_data), "-o", str(tmp_path / "o5"),
+             "--resume", str(tmp_path / "other" / "checkpoints" / "last.pth")])
+    assert_one_line_error(r, "resume checkpoint")
+    r = cli([*base, "-d", str(small_data), "-o", str(tmp_path / "other")])
+    assert_one_line_error(r, "already exists")

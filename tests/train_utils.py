@@ -1,0 +1,63 @@
+"""Shared helpers for the data/train/eval tests: small real datasets cut from the embedded subset, tiny models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import timm
+import torch
+
+import stvit_core  # noqa: F401  (registers the STViT models)
+from stvit_core.data import embedded_dataset_path, folder_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(img_size=28, patch_size=4, embed_dim=48, depth=6, num_heads=2, num_classes=10)
+
+
+def make_subset(dest: Path, train_per_class: int, val_per_class: int, classes: Optional[Sequence[str]] = None) -> Path:
+    """Copy the first N images per class of the embedded Fashion-MNIST subset into dest/{train,val}."""
+    src = embedded_dataset_path()
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for name in classes or folder_classes(src / split):
+            out = dest / split / name
+            out.mkdir(parents=True)
+            for f in sorted((src / split / name).iterdir())[:n]:
+                shutil.copyfile(f, out / f.name)
+    return dest
+
+
+def tiny_stvit(tokens: int = 4, **kw) -> torch.nn.Module:
+    """An STViT-DeiT with a tiny width: 2 image blocks, the 2-layer generator, 2 semantic blocks."""
+    args = dict(TINY, num_semantic_tokens=tokens, num_image_blocks=2)
+    args.update(kw)
+    return timm.create_model("stvit_deit_tiny_patch16_224", **args)
+
+
+def tiny_deit(**kw) -> torch.nn.Module:
+    args = dict(TINY)
+    args.update(kw)
+    return timm.create_model("deit_tiny_patch16_224", **args)
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return e
+
+
+def cli(args: List[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stvit_cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env(), cwd=ROOT, **kw)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
