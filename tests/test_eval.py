@@ -1,0 +1,96 @@
+"""``stvit eval imagenet`` / ``stvit eval folder`` on real images, with a model whose answers are known."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from timm.data import ImageNetInfo
+
+from stvit_core import save_model
+from stvit_core.data import embedded_dataset_path
+from train_utils import assert_one_line_error, cli, tiny_stvit
+
+# ImageNet class index -> number of images in its synset folder
+COUNTS = {0: 3, 100: 4, 200: 2, 300: 5, 400: 1, 500: 2, 900: 3}
+# The head ignores the image and always ranks these classes first, in this order.
+RANKED = [100, 200, 300, 400, 500]
+
+
+@pytest.fixture(scope="module")
+def biased_model(tmp_path_factory):
+    model = tiny_stvit(tokens=4, num_classes=1000)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        for rank, index in enumerate(RANKED):
+            model.head.bias[index] = 10.0 - rank
+    path = tmp_path_factory.mktemp("m") / "biased"
+    save_model(model, path)
+    return path, model.head.bias.detach().clone()
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inet") / "val"
+    synsets = ImageNetInfo().label_names()
+    images = sorted((embedded_dataset_path() / "val" / "coat").iterdir())
+    used = 0
+    for index, n in COUNTS.items():
+        folder = root / synsets[index]
+        folder.mkdir(parents=True)
+        for f in images[used:used + n]:
+            (folder / f.name).write_bytes(f.read_bytes())  # grey PNGs: decoded to RGB by the loader
+        used += n
+    return root
+
+
+def test_eval_imagenet_counts_topk_and_loss(biased_model, imagenet_dir, tmp_path):
+    path, bias = biased_model
+    results_csv = tmp_path / "r.csv"
+    r = cli(["eval", "imagenet", "-m", str(path), "-d", str(imagenet_dir), "--json", "-b", "4", "--workers", "0",
+             "--results-file", str(results_csv)])
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    total = sum(COUNTS.values())
+    assert result["images"] == total
+    assert result["top1"] == pytest.approx(100 * COUNTS[100] / total, abs=1e-3)
+    assert result["top5"] == pytest.approx(100 * sum(COUNTS[i] for i in RANKED) / total, abs=1e-3)
+    log_z = torch.logsumexp(bias, 0).item()
+    expected_loss = sum(n * (log_z - bias[i].item()) for i, n in COUNTS.items()) / total
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-4)
+    assert result["params"] > 0 and result["gflops"] > 0 and result["img_per_sec"] > 0
+    assert result["input_size"] == [3, 28, 28]
+    row = next(csv.DictReader(results_csv.open()))
+    assert float(row["top1"]) == result["top1"] and int(row["images"]) == total
+
+
+def test_eval_imagenet_accepts_root_with_val_and_writes_json(biased_model, imagenet_dir, tmp_path):
+    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir.parent), "--workers", "0",
+             "--results-file", str(tmp_path / "r.json")])
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and "GFLOPs" in r.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["images"] == sum(COUNTS.values())
+
+
+def test_eval_folder_uses_sorted_folder_names(biased_model, tmp_path):
+    # Without label_names the 10 sorted folders are classes 0-9; the head always answers 100, 200, ... so
+    # every image is counted and none is right.
+    r = cli(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--json", "-b", "100",
+             "--workers", "0"])
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["images"] == 500 and result["top1"] == 0.0 and result["top5"] == 0.0
+
+
+@pytest.mark.slow
+def test_eval_bad_inputs(biased_model, tmp_path):
+    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(tmp_path / "missing")])
+    assert_one_line_error(r, "not found")
+    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(embedded_dataset_path() / "val")])
+    assert_one_line_error(r, "not ImageNet-1k synsets")
+    r = cli(["eval", "folder", "-m", str(tmp_path / "no_model"), "-d", "fashion-mnist"])
+    assert_one_line_error(r)
+    r = cli(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--results-file", "x.txt"])
+    assert_one_line_error(r, ".csv or .json")
