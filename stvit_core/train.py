@@ -107,7 +107,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     "finetune": {},
     "paper": dict(
         epochs=300, base_lr=1e-3, base_batch=1024, min_lr=1e-5, warmup_lr=1e-6, warmup_epochs=20,
-        weight_decay=0.05, clip_grad=5.0, aa="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, smoothing=0.1,
+        weight_decay=0.05, clip_grad=5.0, aa="rand-m9-mstd0.5", mixup=0.8, cutmix=1.0, smoothing=0.1,
         reprob=0.25, drop_path=0.1, model_ema=False,
     ),
 }
