@@ -10,7 +10,7 @@ from timm.data import ImageNetInfo
 
 from stvit_core import save_model
 from stvit_core.data import embedded_dataset_path
-from train_utils import assert_one_line_error, cli, tiny_stvit
+from train_utils import assert_one_line_error, cli, cli_in_process, tiny_stvit
 
 # ImageNet class index -> number of images in its synset folder
 COUNTS = {0: 3, 100: 4, 200: 2, 300: 5, 400: 1, 500: 2, 900: 3}
@@ -88,9 +88,9 @@ def test_eval_folder_uses_sorted_folder_names(biased_model, tmp_path):
 def test_eval_bad_inputs(biased_model, tmp_path):
     r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(tmp_path / "missing")])
     assert_one_line_error(r, "not found")
-    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(embedded_dataset_path() / "val")])
+    r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(embedded_dataset_path() / "val")])
     assert_one_line_error(r, "not ImageNet-1k synsets")
-    r = cli(["eval", "folder", "-m", str(tmp_path / "no_model"), "-d", "fashion-mnist"])
+    r = cli_in_process(["eval", "folder", "-m", str(tmp_path / "no_model"), "-d", "fashion-mnist"])
     assert_one_line_error(r)
-    r = cli(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--results-file", "x.txt"])
+    r = cli_in_process(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--results-file", "x.txt"])
     assert_one_line_error(r, ".csv or .json")

@@ -14,7 +14,7 @@ import torch
 from stvit_core import load_model
 from stvit_core.train import DistillationLoss, resolve_config, train
 from stvit_core.errors import InvalidArgumentError
-from train_utils import ROOT, assert_one_line_error, cli, env, make_subset, tiny_deit, tiny_stvit
+from train_utils import ROOT, assert_one_line_error, cli, cli_in_process, env, make_subset, tiny_deit, tiny_stvit
 
 MODEL_ARGS = ["--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
               "--model-arg", "depth=6", "--model-arg", "num_heads=2", "--model-arg", "num_image_blocks=2",
@@ -178,25 +178,25 @@ def test_torchrun_two_cpu_processes_and_eval_agrees(tmp_path):
 @pytest.mark.slow
 def test_finetune_cli_bad_inputs(tmp_path, small_data, tiny_model_dir):
     base = ["finetune", "-m", str(tiny_model_dir), "--epochs", "1", "-b", "10", "--workers", "0", "--quiet"]
-    r = cli([*base, "-d", str(tmp_path / "missing"), "-o", str(tmp_path / "o1")])
+    r = cli([*base, "-d", str(tmp_path / "missing"), "-o", str(tmp_path / "o1")])  # one real process
     assert_one_line_error(r, "not found")
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir()
-    r = cli([*base, "-d", str(tmp_path / "empty"), "-o", str(tmp_path / "o2")])
+    r = cli_in_process([*base, "-d", str(tmp_path / "empty"), "-o", str(tmp_path / "o2")])
     assert_one_line_error(r, "empty")
     three = make_subset(tmp_path / "three", 4, 2, classes=["bag", "coat", "dress"])
-    r = cli([*base, "-d", str(three), "-o", str(tmp_path / "o3")])
+    r = cli_in_process([*base, "-d", str(three), "-o", str(tmp_path / "o3")])
     assert_one_line_error(r, "--num-classes 3")
     (three / "train" / "coat" / "zz_broken.png").write_bytes(b"garbage")
-    r = cli([*base, "-d", str(three), "-o", str(tmp_path / "o4"), "--num-classes", "3"])
+    r = cli_in_process([*base, "-d", str(three), "-o", str(tmp_path / "o4"), "--num-classes", "3"])
     assert_one_line_error(r, "zz_broken.png")
     assert not (tmp_path / "o4" / "best").exists()
     # a training checkpoint of a different model (other width) cannot be resumed here
     cfg = resolve_config(overrides=dict(data=str(small_data), output=str(tmp_path / "other"), epochs=1,
                                         batch_size=50, workers=0))
     train(cfg, tiny_stvit(tokens=4, embed_dim=32))
-    r = cli([*base, "-d", str(small_data), "-o", str(tmp_path / "o5"),
+    r = cli_in_process([*base, "-d", str(small_data), "-o", str(tmp_path / "o5"),
              "--resume", str(tmp_path / "other" / "checkpoints" / "last.pth")])
     assert_one_line_error(r, "resume checkpoint")
-    r = cli([*base, "-d", str(small_data), "-o", str(tmp_path / "other")])
+    r = cli_in_process([*base, "-d", str(small_data), "-o", str(tmp_path / "other")])
     assert_one_line_error(r, "already exists")

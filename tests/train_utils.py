@@ -54,7 +54,28 @@ def cli(args: List[str], timeout: float = 300, **kw) -> subprocess.CompletedProc
                           timeout=timeout, env=env(), cwd=ROOT, **kw)
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+class InProcessResult:
+    """What ``cli`` returns, for an in-process run of the real click group (no interpreter start-up)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli_in_process(args: List[str]) -> InProcessResult:
+    from click.testing import CliRunner
+
+    from stvit_cli.main import cli as group
+
+    result = CliRunner().invoke(group, args, prog_name="stvit")
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "Traceback\n" + "".join(traceback.format_exception(result.exception))
+    return InProcessResult(result.exit_code, result.stdout, stderr)
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
     assert result.returncode != 0, result.stdout + result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in result.stderr, result.stderr
