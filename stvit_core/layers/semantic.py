@@ -68,7 +68,7 @@ def pool_image_tokens(
     elif mode == "avg":
         x = F.adaptive_avg_pool2d(x, output_size)
     else:
-        raise ValueError(f"unknown semantic token pooling {mode!r} (expected 'max' or 'avg')")
+        raise ValueError("unknown semantic token pooling (expected 'max' or 'avg'): " + mode)
     return x.flatten(2).transpose(1, 2)
 
 
@@ -198,6 +198,8 @@ class SemanticTokenGenerator(nn.Module):
         global_tokens: learn one global semantic token per semantic token, added to the queries of layers
             2.. (the paper's "global initialisation"; truncated normal, std 0.02).
         drop_path: one rate per layer, or a single rate.
+        num_prefix_tokens: class/register tokens passed as ``prefix_tokens`` (static, so tracing and
+            ``torch.compile`` see no data-dependent branch).
 
     ``forward(image_tokens, grid_size, prefix_tokens=None)`` returns ``concat(prefix, semantic tokens)``.
     Prefix tokens (a class token) travel with the semantic tokens: in layer 1 they attend to
@@ -221,6 +223,7 @@ class SemanticTokenGenerator(nn.Module):
         act_layer: Type[nn.Module] = nn.GELU,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         mlp_layer: Type[nn.Module] = Mlp,
+        num_prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -228,6 +231,7 @@ class SemanticTokenGenerator(nn.Module):
         if pool not in ("max", "avg"):
             raise ValueError(f"unknown semantic token pooling {pool!r} (expected 'max' or 'avg')")
         self.num_semantic_tokens = num_semantic_tokens
+        self.num_prefix_tokens = num_prefix_tokens
         self.grid = semantic_grid_size(num_semantic_tokens)
         self.pool = pool
         rates = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
@@ -260,9 +264,8 @@ class SemanticTokenGenerator(nn.Module):
         prefix_tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         semantic = pool_image_tokens(image_tokens, grid_size, self.grid, self.pool)
-        num_prefix = 0
+        num_prefix = self.num_prefix_tokens
         if prefix_tokens is not None:
-            num_prefix = prefix_tokens.shape[1]
             semantic = torch.cat([prefix_tokens, semantic], dim=1)
             context = torch.cat([prefix_tokens, image_tokens], dim=1)
         else:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
@@ -88,7 +88,7 @@ class SemanticVisionTransformer(VisionTransformer):
         # timm built `depth` blocks with the stochastic-depth schedule over the whole depth; keep the ones that stay
         # ordinary blocks and rebuild the generator's positions as cross-attention layers with the same rates.
         blocks = list(self.blocks)
-        dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # timm's linear schedule
         ref = blocks[0]
         embed_dim = self.embed_dim
         self.blocks = nn.Sequential(*blocks[:num_image_blocks])
@@ -102,9 +102,10 @@ class SemanticVisionTransformer(VisionTransformer):
             mlp_ratio=ref.mlp.fc1.out_features / embed_dim,
             qkv_bias=ref.attn.qkv.bias is not None,
             drop_path=dpr[num_image_blocks:num_image_blocks + generator_depth],
-            init_values=float(ref.ls1.gamma.flatten()[0]) if isinstance(ref.ls1, LayerScale) else None,
+            init_values=kwargs.get("init_values"),
             norm_layer=partial(nn.LayerNorm, eps=ref.norm1.eps),
             act_layer=type(ref.mlp.act),
+            num_prefix_tokens=self.num_prefix_tokens,
         )
         self.semantic_blocks = nn.Sequential(*blocks[num_image_blocks + generator_depth:])
         named_apply(init_weights_vit_timm, self.semantic_token_generator)
