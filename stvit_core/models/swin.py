@@ -175,7 +175,12 @@ class SemanticSwinTransformer(SwinTransformer):
             raise ValueError(f"stem must be 'conv' or 'patch', got {stem!r}")
         if not isinstance(window_size, int):
             raise ValueError(f"window_size must be one int for all stages, got {window_size!r}")
-        side = semantic_grid_size(semantic_tokens_per_window)
+        try:
+            side = semantic_grid_size(semantic_tokens_per_window)
+        except ValueError:
+            raise ValueError(
+                f"semantic_tokens_per_window must be a perfect square (4, 9, 16...), got {semantic_tokens_per_window}"
+            ) from None
         if side > window_size:
             raise ValueError(
                 f"{semantic_tokens_per_window} semantic tokens per window do not fit a {window_size}x{window_size} window"
