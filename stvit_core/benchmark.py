@@ -190,11 +190,14 @@ def _device_name(device: str) -> str:
     return device
 
 
-def models_for_benchmark(spec: str, num_semantic_tokens: int = 16, **kwargs: Any) -> "tuple[nn.Module, nn.Module, str]":
+def models_for_benchmark(
+    spec: str, num_semantic_tokens: int = 16, stvit_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any
+) -> "tuple[nn.Module, nn.Module, str]":
     """``(base, stvit, source_name)`` for ``spec``: a source name (``deit_small``, a timm ViT) converted with
     ``num_semantic_tokens``, or a saved STViT model (directory or ``hf-hub:``) with its source architecture.
 
     Weights do not matter for timing, so source models are randomly initialised (nothing is downloaded).
+    ``stvit_kwargs`` go to the conversion (``semantic_tokens_per_window`` for Swin, ``recovery=True``...).
     """
     import timm
 
@@ -211,7 +214,7 @@ def models_for_benchmark(spec: str, num_semantic_tokens: int = 16, **kwargs: Any
         return base, stvit, source_name
     source_name = resolve_source_name(spec)
     base = timm.create_model(source_name.split(".")[0], pretrained=False, **kwargs)
-    stvit = convert_model(base, num_semantic_tokens=num_semantic_tokens)
+    stvit = convert_model(base, num_semantic_tokens=num_semantic_tokens, **(stvit_kwargs or {}))
     return base, stvit, source_name
 
 

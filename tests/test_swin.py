@@ -246,3 +246,13 @@ def test_release_checkpoint_of_another_size_is_refused(release_ckpt):
         convert("swin_tiny", checkpoint=release_ckpt)
     with pytest.raises(InvalidArgumentError, match="Swin converts to STViT-R only"):
         convert_model(timm.create_model("swin_tiny_patch4_window7_224", **TINY), recovery=False)
+
+
+def test_benchmark_covers_swin():
+    from stvit_core.benchmark import BenchmarkSettings, benchmark_pair, models_for_benchmark
+
+    base, ours, name = models_for_benchmark("swin_tiny", stvit_kwargs={"semantic_tokens_per_window": 4}, **TINY)
+    assert name.startswith("swin_tiny") and ours.semantic_tokens_per_window == 4
+    settings = BenchmarkSettings(batch_size=1, warmup=1, rounds=1, min_round_time=0.01)
+    result = benchmark_pair(base, ours, settings)
+    assert result["flops_ratio"] > 1.2 and result["stvit"]["img_per_sec"] > 0

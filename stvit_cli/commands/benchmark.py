@@ -13,6 +13,9 @@ from ._common import echo_json
 @click.argument("model")
 @click.option("--tokens", "num_semantic_tokens", type=int, default=16, show_default=True,
               help="Semantic tokens when MODEL is a source name (ignored for saved models).")
+@click.option("--tokens-per-window", "tokens_per_window", type=int, default=None,
+              help="Swin sources: semantic tokens per window (4, 9 or 16) [default: 9].")
+@click.option("--recovery", is_flag=True, help="DeiT/ViT sources: time STViT-R (dumbbell units) instead.")
 @click.option("--batch-size", "-b", type=int, default=32, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
@@ -29,6 +32,8 @@ from ._common import echo_json
 def benchmark(
     model: str,
     num_semantic_tokens: int,
+    tokens_per_window: Optional[int],
+    recovery: bool,
     batch_size: int,
     device: str,
     dtype: str,
@@ -43,8 +48,8 @@ def benchmark(
 ) -> None:
     """Time MODEL's base version and its STViT version with identical settings.
 
-    MODEL is a source name (deit_tiny | deit_small | deit_base | a timm DeiT/ViT name), converted on the fly
-    with --tokens, or a saved STViT model (directory or hf-hub:org/name) compared with its source
+    MODEL is a source name (deit_tiny | deit_small | deit_base | swin_tiny | swin_small | swin_base | a timm
+    DeiT/ViT/Swin name), converted on the fly with --tokens (--tokens-per-window for Swin), or a saved STViT model (directory or hf-hub:org/name) compared with its source
     architecture. Weights are random (timing does not depend on them); nothing is downloaded for source
     names. Warm-up is excluded and the models alternate, so noise hits both.
 
@@ -54,6 +59,7 @@ def benchmark(
       stvit benchmark deit_small --device cuda --dtype bfloat16 --batch-size 256 --compile
       stvit benchmark deit_base --bench train --device cuda --dtype bfloat16 --json
       stvit benchmark ./stvit-deit_small-t16 --json
+      stvit benchmark swin_small --tokens-per-window 9 --device cuda --dtype bfloat16 --batch-size 256
     """
     import torch
 
@@ -61,7 +67,12 @@ def benchmark(
 
     if threads:
         torch.set_num_threads(threads)
-    base, stvit, source_name = models_for_benchmark(model, num_semantic_tokens)
+    stvit_kwargs: dict = {}
+    if tokens_per_window is not None:
+        stvit_kwargs["semantic_tokens_per_window"] = tokens_per_window
+    if recovery:
+        stvit_kwargs["recovery"] = True
+    base, stvit, source_name = models_for_benchmark(model, num_semantic_tokens, stvit_kwargs=stvit_kwargs)
     results = []
     for kind in (["inference", "train"] if bench == "both" else [bench]):
         settings = BenchmarkSettings(
@@ -70,7 +81,8 @@ def benchmark(
         )
         result = benchmark_pair(base, stvit, settings)
         result = {"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
-                  "tokens": getattr(stvit, "num_semantic_tokens", None), **result}
+                  "tokens": getattr(stvit, "num_semantic_tokens", None),
+                  "tokens_per_window": getattr(stvit, "semantic_tokens_per_window", None), **result}
         results.append(result)
     if as_json:
         echo_json(results[0] if len(results) == 1 else results)
@@ -87,7 +99,8 @@ def _print_table(r: dict) -> None:
         f" | torch {r['torch']} | {r['threads']} threads"
     )
     click.echo(f"{'model':<34} {'params(M)':>10} {'GFLOPs':>8} {'img/s':>10} {'peak MB':>8}")
-    for key, name in (("base", r["model"]), ("stvit", f"{r['stvit_model']} ({r['tokens']} tok)")):
+    tok = f"{r['tokens_per_window']} tok/window" if r.get("tokens_per_window") else f"{r['tokens']} tok"
+    for key, name in (("base", r["model"]), ("stvit", f"{r['stvit_model']} ({tok})")):
         m = r[key]
         click.echo(f"{name:<34} {m['params_m']:>10.2f} {m['gflops']:>8.2f} {m['img_per_sec']:>10.1f} "
                    f"{mem(m['peak_memory_mb']):>8}")
