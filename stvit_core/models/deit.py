@@ -117,18 +117,26 @@ class SemanticVisionTransformer(VisionTransformer):
         ]
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        # Layer-wise lr decay sees one sequence: image blocks, generator layers, semantic blocks.
-        return dict(
-            stem=r"^cls_token|pos_embed|patch_embed|reg_token",
-            blocks=[
-                (r"^blocks\.(\d+)", None),
-                (r"^semantic_token_generator\.global_tokens", (self.num_image_blocks,)),
-                (r"^semantic_token_generator\.layers\.(\d+)", (self.num_image_blocks,)),
-                (r"^semantic_blocks\.(\d+)", (self.num_image_blocks + self.generator_depth,)),
-                (r"^norm", (99999,)),
-            ],
-        )
+    def group_matcher(self, coarse: bool = False):
+        """Depth ordinals for layer-wise lr decay: image blocks, generator layers, then semantic blocks."""
+        nb, gd = self.num_image_blocks, self.generator_depth
+
+        def ordinal(name: str) -> float:
+            if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "norm_pre")):
+                return 0
+            for pattern, offset in (
+                (r"^blocks\.(\d+)", 1),
+                (r"^semantic_token_generator\.layers\.(\d+)", 1 + nb),
+                (r"^semantic_blocks\.(\d+)", 1 + nb + gd),
+            ):
+                m = re.match(pattern, name)
+                if m:
+                    return offset + int(m.group(1))
+            if name.startswith("semantic_token_generator."):  # global tokens, with the first generator layer
+                return 1 + nb
+            return float("inf")  # final norm and head
+
+        return ordinal
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
