@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -16,16 +13,9 @@ from stvit_core.convert import convert_model
 from stvit_core.flops import count_flops
 from stvit_core.models.deit import RecoveryVisionTransformer
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import assert_one_line_error, run_cli
+
 SMALL = dict(embed_dim=64, num_heads=2, num_classes=10)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_conversion_keeps_every_weight():
@@ -84,17 +74,13 @@ def test_bad_layouts_are_refused():
 @pytest.mark.slow
 def test_cli_recovery_conversion(tmp_path):
     out = tmp_path / "r"
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "stvit_cli", "convert", "deit_tiny", "--recovery", "--no-pretrained",
-           "--output", str(out), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = run_cli("convert", "deit_tiny", "--recovery", "--no-pretrained", "--output", out, "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["model"] == "stvit_r_deit_tiny_patch16_224" and summary["gflops"] < summary["base_gflops"]
     model = stvit_core.load_model(out)
     assert isinstance(model, RecoveryVisionTransformer)
-    cmd = [sys.executable, "-m", "stvit_cli", "convert", "deit_tiny", "--tokens-per-window", "9",
-           "--no-pretrained", "--output", str(tmp_path / "bad")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("Error: --tokens-per-window is for Swin")
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    bad = tmp_path / "bad"
+    proc = run_cli("convert", "deit_tiny", "--tokens-per-window", "9", "--no-pretrained", "--output", bad)
+    assert_one_line_error(proc, "--tokens-per-window is for Swin")
+    assert proc.returncode == 2 and not bad.exists()

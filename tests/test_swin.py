@@ -4,9 +4,6 @@ Swin, dense features at several input sizes, and the CLI's answers to bad input.
 from __future__ import annotations
 
 import gzip
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,17 +17,10 @@ from stvit_core.flops import count_flops
 from stvit_core.layers import pool_windows, window_neighbourhood_index
 from stvit_core.models.swin import SemanticSwinTransformer, checkpoint_filter_fn
 
+from .conftest import assert_one_line_error, run_cli
+
 FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dim=16, num_heads=(1, 2, 4, 8), num_classes=10)  # small widths keep the tests fast
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +34,6 @@ def release_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expected():
     return torch.load(FIXTURES / "stvit_r_swin_release_tiny_expected.pt", weights_only=True)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "stvit_cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"},
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> None:
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 # --- the official release --------------------------------------------------------------------------------
