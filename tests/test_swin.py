@@ -231,3 +231,16 @@ def test_benchmark_covers_swin():
     settings = BenchmarkSettings(batch_size=1, warmup=1, rounds=1, min_round_time=0.01)
     result = benchmark_pair(base, ours, settings)
     assert result["flops_ratio"] > 1.2 and result["stvit"]["img_per_sec"] > 0
+
+
+def test_set_input_size_keeps_windows_and_matches_a_model_built_for_the_size():
+    torch.manual_seed(0)
+    model = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", **TINY).eval()
+    model.set_input_size(img_size=(256, 320))
+    built = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", img_size=(256, 320), **TINY).eval()
+    built.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        assert torch.allclose(model(x), built(x), atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.set_input_size(img_size=(250, 320))
