@@ -4,6 +4,7 @@ Swin, dense features at several input sizes, and the CLI's answers to bad input.
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,21 @@ def test_set_input_size_keeps_windows_and_matches_a_model_built_for_the_size():
         assert torch.allclose(model(x), built(x), atol=1e-6)
     with pytest.raises(ValueError, match="multiples of 32"):
         model.set_input_size(img_size=(250, 320))
+
+
+def test_convert_from_a_microsoft_layout_checkpoint_file(tmp_path):
+    """A local Swin checkpoint in the original Microsoft layout (downsample at stage ends, ``head.weight``)."""
+    torch.manual_seed(0)
+    src = timm.create_model("swin_tiny_patch4_window7_224", **TINY)
+    ms = {}
+    for k, v in src.state_dict().items():
+        if k.endswith("attn_mask"):
+            continue
+        m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
+        k = f"layers.{int(m.group(1)) - 1}.downsample.{m.group(2)}" if m else k.replace("head.fc.", "head.")
+        ms[k] = v
+    path = tmp_path / "swin_tiny_ms.pth"
+    torch.save({"model": ms}, path)
+    model = convert("swin_tiny", checkpoint=path, source_kwargs=TINY)
+    ref = convert_model(src)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
