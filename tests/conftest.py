@@ -1,0 +1,1 @@
+from hub_fixtures import *  # noqa: F401,F403  (loopback Hub server, CLI helpers)
