@@ -149,6 +149,13 @@ def _describe(e: BaseException, *, repo_id: str, revision: Optional[str], endpoi
     names = set().union(*(_class_names(x) for x in chain))
     status = next((s for s in map(_status_of, chain) if s is not None), None)
     rev = revision or "main"
+    # Connection problems first: huggingface_hub wraps them (e.g. in LocalEntryNotFoundError).
+    if names & {"ConnectError", "ConnectionError", "ConnectTimeout", "NewConnectionError"}:
+        return f"cannot connect to {endpoint}: connection refused or host unreachable (check HF_ENDPOINT)"
+    if names & {"TimeoutException", "Timeout", "ReadTimeout"}:
+        return f"timed out talking to {endpoint}"
+    if "OfflineModeIsEnabled" in names:
+        return f"{repo_id}@{rev} is not in the local cache and HF_HUB_OFFLINE is set"
     if "RevisionNotFoundError" in names:
         return f"revision {rev!r} not found in {repo_id} (HTTP 404)"
     if "LocalTokenNotFoundError" in names:
@@ -159,14 +166,10 @@ def _describe(e: BaseException, *, repo_id: str, revision: Optional[str], endpoi
     if "RepositoryNotFoundError" in names or "GatedRepoError" in names:
         return (f"repository {repo_id} not found on {endpoint} (HTTP {status or 404}); if it is private, "
                 "use a token that can read it")
-    if "EntryNotFoundError" in names or "RemoteEntryNotFoundError" in names:
+    if "RemoteEntryNotFoundError" in names or ("EntryNotFoundError" in names and status == 404):
         return f"a file is missing in {repo_id}@{rev} (HTTP 404)"
     if status == 403:
         return f"permission denied (HTTP 403): the token cannot write to {repo_id}"
-    if names & {"ConnectError", "ConnectionError", "ConnectTimeout", "NewConnectionError"}:
-        return f"cannot connect to {endpoint}: connection refused or host unreachable (check HF_ENDPOINT)"
-    if names & {"TimeoutException", "Timeout", "ReadTimeout"}:
-        return f"timed out talking to {endpoint}"
     if names & {"RemoteProtocolError", "NetworkError", "ChunkedEncodingError"}:
         return f"the connection to {endpoint} was dropped and retries did not help: {_first_line(chain[-1])}"
     if status is not None:
