@@ -235,11 +235,12 @@ def read_eval_results(model_dir: PathLike) -> Optional[Dict[str, Any]]:
                 data = json.loads(path.read_text())
                 if isinstance(data, list) and data:
                     data = data[-1]
-                records = [data] + [data.get(k) for k in ("metrics", "results") if isinstance(data, dict)]
+                outer = data if isinstance(data, dict) else {}
+                records = [data] + [outer.get(k) for k in ("metrics", "results")]
             elif path.suffix == ".csv":
                 with path.open(newline="") as f:
                     rows = list(csv.DictReader(f))
-                records = rows[-1:]
+                records, outer = rows[-1:], {}
             else:
                 continue
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error):
@@ -247,7 +248,7 @@ def read_eval_results(model_dir: PathLike) -> Optional[Dict[str, Any]]:
         for record in records:
             if isinstance(record, dict) and _pick(record, _TOP1_KEYS) is not None:
                 return {"top1": _pick(record, _TOP1_KEYS), "top5": _pick(record, _TOP5_KEYS),
-                        "dataset": record.get("dataset") or (data.get("dataset") if isinstance(data, dict) else None),
+                        "dataset": record.get("dataset") or outer.get("dataset"),
                         "file": path.name}
     return None
 

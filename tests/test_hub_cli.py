@@ -42,16 +42,33 @@ def logits_of(model_dir_or_model, x: torch.Tensor) -> torch.Tensor:
         return model.eval()(x)
 
 
+def push_in_process(server, model_dir, repo_id, token=ALICE_TOKEN, **kwargs):
+    """Set-up pushes that are not what a test is about run in-process (explicit endpoint), to save time."""
+    from stvit_core.hub import push_to_hub
+
+    return push_to_hub(model_dir, repo_id, token=token, endpoint=server.url, **kwargs)
+
+
+def pull_in_process(server, repo_id, output, token=None, **kwargs):
+    from stvit_core.hub import pull_from_hub
+
+    return pull_from_hub(repo_id, output_dir=output, token=token, endpoint=server.url, **kwargs)
+
+
 TIMM_HF_HUB_LOGITS = """
-import sys, torch, timm
+import torch, timm
 import stvit_core  # registers the STViT architectures
-model = timm.create_model(sys.argv[1] if len(sys.argv) > 1 else {spec!r}, pretrained=True).eval()
 torch.manual_seed(0)
-with torch.no_grad():
-    torch.save(model(torch.randn(2, 3, 32, 32)), {out!r})
+x = torch.randn(2, 3, 32, 32)
+logits = {{}}
+for spec in {specs!r}:
+    with torch.no_grad():
+        logits[spec] = timm.create_model(spec, pretrained=True).eval()(x)
+torch.save(logits, {out!r})
 """
 
 
+@pytest.mark.slow
 def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
     """convert -> push -> pull into a fresh HF_HOME -> identical tensors and logits, also via timm hf-hub:."""
     model_dir = tmp_path / "model"
@@ -99,21 +116,13 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
     card = (path / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm\n") and "71.25" in card and "hf-hub:alice/stvit-tiny" in card
 
-    # timm itself, in a fresh process that only knows HF_ENDPOINT, builds the same model.
-    out = tmp_path / "timm_logits.pt"
-    proc = run_python(TIMM_HF_HUB_LOGITS.format(spec="hf-hub:alice/stvit-tiny", out=str(out)),
-                      hub_env(hub_server.url, tmp_path / "home-timm"))
-    assert proc.returncode == 0, proc.stderr
-    assert torch.equal(torch.load(out), expected)
 
-
+@pytest.mark.slow
 def test_push_to_branch_and_pull_that_revision(hub_server, tiny_model_dir, tmp_path):
-    env = hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN)
-    on_main = run_cli(["push-to-hub", str(tiny_model_dir), "alice/branchy", "-q"], env)
-    assert on_main.returncode == 0, on_main.stderr
+    push_in_process(hub_server, tiny_model_dir, "alice/branchy")
     other = make_tiny_model(tmp_path / "seed1", seed=1)
     on_dev = run_cli(["push-to-hub", str(other), "alice/branchy", "--revision", "dev", "--json",
-                      "--commit-message", "seed 1 on dev"], env)
+                      "--commit-message", "seed 1 on dev"], hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN))
     assert on_dev.returncode == 0, on_dev.stderr
     assert json.loads(on_dev.stdout)["revision"] == "dev"
     repo = hub_server.state.repos["alice/branchy"]
@@ -127,15 +136,19 @@ def test_push_to_branch_and_pull_that_revision(hub_server, tiny_model_dir, tmp_p
     dev_weights, seed1 = load_file(tmp_path / "dev" / "model.safetensors"), load_file(other / "model.safetensors")
     assert all(torch.equal(dev_weights[k], seed1[k]) for k in seed1)
 
-    # hf-hub:REPO@REVISION through stvit_core.load_model (timm's hf_split) picks the branch too.
-    out = tmp_path / "dev_logits.pt"
-    code = TIMM_HF_HUB_LOGITS.format(spec="", out=str(out)).replace(
-        "timm.create_model(sys.argv[1] if len(sys.argv) > 1 else '', pretrained=True)",
-        "stvit_core.load_model('hf-hub:alice/branchy@dev')")
-    proc = run_python(code, hub_env(hub_server.url, tmp_path / "home-timm"))
+    # timm itself, in a fresh process that only knows HF_ENDPOINT, builds the same models from
+    # hf-hub:REPO (main) and hf-hub:REPO@dev (timm's hf_split).
+    expected = {"hf-hub:alice/branchy": tiny_model_dir, "hf-hub:alice/branchy@dev": other}
+    out = tmp_path / "logits.pt"
+    proc = run_python(TIMM_HF_HUB_LOGITS.format(specs=list(expected), out=str(out)),
+                      hub_env(hub_server.url, tmp_path / "home-timm"))
     assert proc.returncode == 0, proc.stderr
     torch.manual_seed(0)
-    assert torch.equal(torch.load(out), logits_of(other, torch.randn(2, 3, 32, 32)))
+    x = torch.randn(2, 3, 32, 32)
+    logits = torch.load(out)
+    for spec, model_dir in expected.items():
+        assert torch.equal(logits[spec], logits_of(model_dir, x)), spec
+    assert not torch.equal(logits["hf-hub:alice/branchy"], logits["hf-hub:alice/branchy@dev"])
 
 
 def test_private_repo_is_invisible_without_a_token(hub_server, tiny_model_dir, tmp_path):
@@ -145,12 +158,12 @@ def test_private_repo_is_invisible_without_a_token(hub_server, tiny_model_dir, t
     assert json.loads(push.stdout)["private"] is True
     anonymous = run_cli(["pull", "alice/secret"], hub_env(hub_server.url, tmp_path / "anon"))
     assert_one_line_error(anonymous, "alice/secret", "not found")
-    other_user = run_cli(["pull", "alice/secret"], hub_env(hub_server.url, tmp_path / "bob", BOB_TOKEN))
-    assert_one_line_error(other_user, "not found", "404")
-    owner = run_cli(["pull", "alice/secret", "--token", ALICE_TOKEN, "-o", str(tmp_path / "mine")],
-                    hub_env(hub_server.url, tmp_path / "owner"))
-    assert owner.returncode == 0, owner.stderr
-    assert_clean(owner)
+    from stvit_core.hub import HubError
+
+    with pytest.raises(HubError, match="alice/secret not found .*HTTP 404") as err:
+        pull_in_process(hub_server, "alice/secret", tmp_path / "bob", token=BOB_TOKEN)
+    assert BOB_TOKEN not in str(err.value)
+    pull_in_process(hub_server, "alice/secret", tmp_path / "mine", token=ALICE_TOKEN)
     assert (tmp_path / "mine" / "model.safetensors").is_file()
 
 
@@ -175,14 +188,13 @@ def test_file_over_10mb_goes_through_lfs_and_dropped_upload_is_retried(hub_serve
     uploads = [r for r in hub_server.state.requests if r[0] == "PUT" and r[1].startswith("/lfs-upload/")]
     assert len(uploads) == 3  # two files, one of them twice
 
-    pull = run_cli(["pull", "alice/big", "-o", str(tmp_path / "out"), "-q"], hub_env(hub_server.url, tmp_path / "h2"))
-    assert pull.returncode == 0, pull.stderr
+    pull_in_process(hub_server, "alice/big", tmp_path / "out")
     assert (tmp_path / "out" / "metrics.csv").read_bytes() == big
 
 
 def test_create_pr_leaves_main_alone(hub_server, tiny_model_dir, tmp_path):
     env = hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN)
-    assert run_cli(["push-to-hub", str(tiny_model_dir), "stvit-org/shared", "-q"], env).returncode == 0
+    push_in_process(hub_server, tiny_model_dir, "stvit-org/shared")
     main_before = hub_server.state.repos["stvit-org/shared"].branches["main"]
     other = make_tiny_model(tmp_path / "seed2", seed=2)
     pr = run_cli(["push-to-hub", str(other), "stvit-org/shared", "--create-pr", "--json"], env)
@@ -208,8 +220,7 @@ def test_push_to_someone_elses_namespace_is_refused(hub_server, tiny_model_dir, 
 def test_missing_repo_and_missing_revision_are_404(hub_server, tiny_model_dir, tmp_path):
     missing = run_cli(["pull", "alice/nope"], hub_env(hub_server.url, tmp_path / "h1", ALICE_TOKEN))
     assert_one_line_error(missing, "alice/nope", "not found", "404")
-    assert run_cli(["push-to-hub", str(tiny_model_dir), "alice/here", "-q"],
-                   hub_env(hub_server.url, tmp_path / "h2", ALICE_TOKEN)).returncode == 0
+    push_in_process(hub_server, tiny_model_dir, "alice/here")
     no_rev = run_cli(["pull", "alice/here@v9", "-o", str(tmp_path / "out")], hub_env(hub_server.url, tmp_path / "h3"))
     assert_one_line_error(no_rev, "revision 'v9' not found", "404")
     assert not (tmp_path / "out").exists()
