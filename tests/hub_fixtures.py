@@ -15,13 +15,14 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from hub_server import HubServer
+from .hub_server import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Random per test session, so a token found in an output can only have come from the code under test.
 ALICE_TOKEN = "hf_" + secrets.token_hex(16)
 BOB_TOKEN = "hf_" + secrets.token_hex(16)
 BAD_TOKEN = "hf_" + secrets.token_hex(16)
+TINY_ARCH = "stvit_deit_tiny_patch16_224"
 USERS = {ALICE_TOKEN: ("alice", ["stvit-org"]), BOB_TOKEN: ("bob", [])}
 
 
@@ -60,15 +61,16 @@ def run_python(code: str, env: Dict[str, str], timeout: float = 180) -> subproce
 
 
 def make_tiny_model(path: Path, *, seed: int = 0, metadata: Optional[dict] = None) -> Path:
-    """Save a tiny STViT-sized stand-in (a 2-layer ViT on 32 px images) with stvit's checkpoint format."""
+    """Save a tiny STViT-DeiT (real architecture, 48 wide, 32 px images) in stvit's checkpoint format."""
     import timm
     import torch
 
     from stvit_core import save_model
 
     torch.manual_seed(seed)
-    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=10)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10,
+                  num_semantic_tokens=4)
+    model = timm.create_model(TINY_ARCH, pretrained=False, **kwargs)
     meta = {"source_model": "deit_tiny_patch16_224.fb_in1k", "num_semantic_tokens": 4, "gflops": 0.01,
             "base_gflops": 0.02, "base_params_m": 0.1}
     meta.update(metadata or {})

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
-from hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, REPO_ROOT, make_tiny_model
+from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, REPO_ROOT, make_tiny_model
 from stvit_core.errors import CheckpointError
 from stvit_core.hub import (
     HubError,
@@ -65,7 +65,10 @@ def test_model_card_without_results_has_no_model_index(tmp_path):
     assert meta["base_model"] == "someone/deit-x"
     body = render_model_card(model_dir, "alice/plain")
     assert "No evaluation results" in body
-    assert "0.07M" in body  # counted from model.safetensors when the metadata has no params_m
+    from safetensors.torch import load_file
+
+    params = sum(t.numel() for t in load_file(model_dir / "model.safetensors").values())
+    assert f"| Parameters | {params / 1e6:.2f}M" in body  # counted from the weights: no params_m in metadata
 
 
 def test_eval_results_from_a_timm_validate_csv(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, hub_env, make_tiny_model, run_cli, run_python
+from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, hub_env, make_tiny_model, run_cli, run_python
 
 TOKENS = (ALICE_TOKEN, BOB_TOKEN, BAD_TOKEN)
 
@@ -70,9 +70,11 @@ torch.save(logits, {out!r})
 
 @pytest.mark.slow
 def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
-    """convert -> push -> pull into a fresh HF_HOME -> identical tensors and logits, also via timm hf-hub:."""
+    """convert -> push -> pull into a fresh HF_HOME -> identical tensors and logits."""
     model_dir = tmp_path / "model"
-    make_tiny_model(model_dir)
+    convert = run_cli(["convert", "deit_tiny", "--no-pretrained", "--img-size", "32", "--num-classes", "10",
+                       "--tokens", "4", "--output", str(model_dir)], hub_env(hub_server.url, tmp_path / "home-push"))
+    assert convert.returncode == 0, convert.stderr
     (model_dir / "results.json").write_text(json.dumps({"top1": 71.25, "top5": 90.5, "dataset": "imagenet-1k"}))
     (model_dir / "args.yaml").write_text("epochs: 30\nlr: 0.0005\n")
     (model_dir / "notes.txt").write_text("not uploaded")
@@ -102,7 +104,7 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
     pulled = json.loads(pull.stdout)
     path = Path(pulled["path"])
     assert path.is_relative_to(home) and pulled["commit_oid"] == commit
-    assert pulled["architecture"] == "vit_tiny_patch16_224"
+    assert pulled["architecture"] == "stvit_deit_tiny_patch16_224"
     assert {"README.md", "config.json", "model.safetensors", "results.json", "args.yaml"} <= set(pulled["files"])
     assert (path / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
     original, downloaded = load_file(model_dir / "model.safetensors"), load_file(path / "model.safetensors")
@@ -115,6 +117,7 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
 
     card = (path / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: timm\n") and "71.25" in card and "hf-hub:alice/stvit-tiny" in card
+    assert "base_model: timm/deit_tiny_patch16_224.fb_in1k" in card and "| Semantic tokens | 4 |" in card
 
 
 @pytest.mark.slow
@@ -232,8 +235,10 @@ def test_server_down_is_connection_refused(tiny_model_dir, tmp_path):
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
     pull = run_cli(["pull", "alice/x"], hub_env(url, tmp_path / "h"))
     assert_one_line_error(pull, "cannot connect", url)
-    push = run_cli(["push-to-hub", str(tiny_model_dir), "alice/x"], hub_env(url, tmp_path / "h", ALICE_TOKEN))
-    assert_one_line_error(push, "cannot connect", url)
+    from stvit_core.hub import HubError, push_to_hub
+
+    with pytest.raises(HubError, match=f"push failed: cannot connect to {url}"):
+        push_to_hub(tiny_model_dir, "alice/x", token=ALICE_TOKEN, endpoint=url)
 
 
 def test_pushing_a_directory_that_is_not_a_model(hub_server, tmp_path):

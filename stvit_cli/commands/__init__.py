@@ -1,6 +1,8 @@
 """One module per command; each exports a click command. Order here is the order in ``--help``."""
 
+from .benchmark import benchmark
+from .convert import convert
 from .env import env
 from .hub import pull, push_to_hub
 
-COMMANDS = [push_to_hub, pull, env]
+COMMANDS = [convert, benchmark, push_to_hub, pull, env]

@@ -1,0 +1,295 @@
+"""STViT on DeiT / ViT: image-token blocks, a semantic token generator, then blocks over semantic tokens only.
+
+Layout (paper, Sec. 4.1; same depth as the source model): blocks 1-4 are ordinary ViT blocks over all image
+tokens; blocks 5-6 become the two-layer :class:`~stvit_core.layers.SemanticTokenGenerator`; blocks 7-12 run on
+``num_semantic_tokens`` tokens (plus the class token). Converting a pretrained DeiT reuses every weight: the
+generator's layers start from the source blocks at their depth, their ``qkv`` split into ``q`` and ``kv``.
+
+The model subclasses timm's :class:`~timm.models.vision_transformer.VisionTransformer`, so patch embedding,
+position embedding (resampled for other image sizes), head, ``reset_classifier`` and ``pretrained_cfg``
+behave as for timm's DeiT.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq, named_apply
+from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
+
+from ..layers import SemanticTokenGenerator, semantic_grid_size
+
+__all__ = ["SemanticVisionTransformer", "checkpoint_filter_fn"]
+
+
+class SemanticVisionTransformer(VisionTransformer):
+    """Vision Transformer whose later blocks run on a few semantic tokens (STViT).
+
+    Args (besides timm's :class:`VisionTransformer` arguments, ``depth`` being the total depth):
+        num_semantic_tokens: semantic tokens after the generator; a perfect square (16, 36, 64, 100...) no
+            larger than the number of patches.
+        num_image_blocks: ordinary blocks over all image tokens before the generator (paper: 4).
+        generator_depth: cross-attention layers in the generator (paper: 2).
+        semantic_token_pool: ``'max'`` (released code) or ``'avg'`` pooling for the initial semantic tokens.
+        global_semantic_tokens: learned global tokens added to the generator's later queries (paper: on).
+        global_pool: ``'token'`` reads the class token, ``'avg'`` averages the final semantic tokens (paper).
+        class_token: keep a class token; defaults to ``global_pool == 'token'``.
+    """
+
+    def __init__(
+        self,
+        num_semantic_tokens: int = 16,
+        num_image_blocks: int = 4,
+        generator_depth: int = 2,
+        semantic_token_pool: str = "max",
+        global_semantic_tokens: bool = True,
+        global_pool: str = "token",
+        class_token: Optional[bool] = None,
+        depth: int = 12,
+        drop_path_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if class_token is None:
+            class_token = global_pool == "token"
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True; use global_pool='avg' without one")
+        num_semantic_blocks = depth - num_image_blocks - generator_depth
+        if num_image_blocks < 1 or num_semantic_blocks < 0:
+            raise ValueError(
+                f"depth {depth} cannot hold {num_image_blocks} image-token blocks and a {generator_depth}-layer generator"
+            )
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError("dynamic_img_size is not supported; build the model with img_size=(H, W) instead")
+        super().__init__(
+            global_pool=global_pool,
+            class_token=class_token,
+            depth=depth,
+            drop_path_rate=drop_path_rate,
+            **kwargs,
+        )
+        grid_h, grid_w = self.patch_embed.grid_size
+        semantic_grid_size(num_semantic_tokens)  # validates the square
+        if num_semantic_tokens > grid_h * grid_w:
+            raise ValueError(
+                f"num_semantic_tokens={num_semantic_tokens} exceeds the {grid_h}x{grid_w}={grid_h * grid_w} image tokens"
+            )
+        self.num_semantic_tokens = num_semantic_tokens
+        self.num_image_blocks = num_image_blocks
+        self.generator_depth = generator_depth
+
+        # timm built `depth` blocks with the stochastic-depth schedule over the whole depth; keep the ones that stay
+        # ordinary blocks and rebuild the generator's positions as cross-attention layers with the same rates.
+        blocks = list(self.blocks)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # timm's linear schedule
+        ref = blocks[0]
+        embed_dim = self.embed_dim
+        self.blocks = nn.Sequential(*blocks[:num_image_blocks])
+        self.semantic_token_generator = SemanticTokenGenerator(
+            embed_dim,
+            num_heads=ref.attn.num_heads,
+            num_semantic_tokens=num_semantic_tokens,
+            depth=generator_depth,
+            pool=semantic_token_pool,
+            global_tokens=global_semantic_tokens,
+            mlp_ratio=ref.mlp.fc1.out_features / embed_dim,
+            qkv_bias=ref.attn.qkv.bias is not None,
+            drop_path=dpr[num_image_blocks:num_image_blocks + generator_depth],
+            init_values=kwargs.get("init_values"),
+            norm_layer=partial(nn.LayerNorm, eps=ref.norm1.eps),
+            act_layer=type(ref.mlp.act),
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
+        self.semantic_blocks = nn.Sequential(*blocks[num_image_blocks + generator_depth:])
+        named_apply(init_weights_vit_timm, self.semantic_token_generator)
+        if self.semantic_token_generator.global_tokens is not None:
+            trunc_normal_(self.semantic_token_generator.global_tokens, std=0.02)
+        self.feature_info = [
+            dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
+            for i in range(num_image_blocks)
+        ]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        """Depth ordinals for layer-wise lr decay: image blocks, generator layers, then semantic blocks."""
+        nb, gd = self.num_image_blocks, self.generator_depth
+
+        def ordinal(name: str) -> float:
+            if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "norm_pre")):
+                return 0
+            for pattern, offset in (
+                (r"^blocks\.(\d+)", 1),
+                (r"^semantic_token_generator\.layers\.(\d+)", 1 + nb),
+                (r"^semantic_blocks\.(\d+)", 1 + nb + gd),
+            ):
+                m = re.match(pattern, name)
+                if m:
+                    return offset + int(m.group(1))
+            if name.startswith("semantic_token_generator."):  # global tokens, with the first generator layer
+                return 1 + nb
+            return float("inf")  # final norm and head
+
+        return ordinal
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return super().no_weight_decay() | {"semantic_token_generator.global_tokens"}
+
+    def _run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(blocks, x)
+        return blocks(x)
+
+    def forward_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch embedding and the image-token blocks: the features before the generator."""
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        return self._run(self.blocks, x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_image_tokens(x)
+        p = self.num_prefix_tokens
+        prefix = x[:, :p] if p else None
+        x = self.semantic_token_generator(x[:, p:], self.patch_embed.grid_size, prefix)
+        x = self._run(self.semantic_blocks, x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError(
+            "STViT models end with semantic tokens, not a feature map; use an STViT-R model for dense features"
+        )
+
+
+def _is_stvit_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("semantic_token_generator.", "semantic_blocks.")) for k in state_dict)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Convert a timm DeiT/ViT state dict (or pass through an STViT one) to ``model``'s keys.
+
+    Source block ``i`` maps to ``blocks.i`` for ``i < num_image_blocks``, to generator layer
+    ``i - num_image_blocks`` (``qkv`` split into ``q`` and ``kv``), then to ``semantic_blocks``. Position
+    embeddings are resampled by timm when the image size differs. Global semantic tokens, absent from the
+    source, start at zero: the converted generator is then exactly pooling followed by the source blocks'
+    attention and MLP weights applied as cross-attention.
+    """
+    state_dict = state_dict.get("model", state_dict)
+    state_dict = state_dict.get("state_dict", state_dict)
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    if any(k.startswith(("dist_token", "head_dist")) for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("dist_token", "head_dist"))}
+        if "pos_embed" in state_dict and model.pos_embed is not None:
+            # distilled DeiT has two prefix tokens; keep the class token's position embedding
+            pe = state_dict["pos_embed"]
+            state_dict["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
+    state_dict = vit_checkpoint_filter_fn(state_dict, model)  # resamples pos_embed / patch_embed if needed
+    if _is_stvit_state_dict(state_dict):
+        return state_dict
+
+    depths = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    model_depth = model.num_image_blocks + model.generator_depth + len(model.semantic_blocks)
+    if depths and max(depths) + 1 != model_depth:
+        raise ValueError(f"source model has {max(depths) + 1} blocks, STViT model expects {model_depth}")
+    nb, gd = model.num_image_blocks, model.generator_depth
+    embed_dim = model.embed_dim
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)", k)
+        if m is None:
+            out[k] = v
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        if i < nb:
+            out[f"blocks.{i}.{rest}"] = v
+        elif i < nb + gd:
+            prefix = f"semantic_token_generator.layers.{i - nb}."
+            if rest.startswith("attn.qkv."):
+                kind = rest[len("attn.qkv."):]
+                out[prefix + "attn.q." + kind] = v[:embed_dim]
+                out[prefix + "attn.kv." + kind] = v[embed_dim:]
+            else:
+                out[prefix + rest] = v
+        else:
+            out[f"semantic_blocks.{i - nb - gd}.{rest}"] = v
+    if model.semantic_token_generator.global_tokens is not None:
+        out["semantic_token_generator.global_tokens"] = torch.zeros_like(model.semantic_token_generator.global_tokens)
+    return out
+
+
+def _create_stvit_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
+    return build_model_with_cfg(
+        SemanticVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **kwargs,
+    )
+
+
+def _cfg(source: Optional[str], **kwargs: Any) -> Dict[str, Any]:
+    # Pretrained weights are the source DeiT's, converted on load by checkpoint_filter_fn.
+    return {
+        "hf_hub_id": f"timm/{source}" if source else None,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": True,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "stvit_deit_tiny_patch16_224.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
+        "stvit_deit_small_patch16_224.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
+        "stvit_deit_base_patch16_224.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+        "stvit_vit_patch16_224": _cfg(None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9),
+    }
+)
+
+
+@register_model
+def stvit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
+    """STViT-DeiT-Tiny: DeiT-T with 16 semantic tokens after block 4 (0.53 GFLOPs vs 1.26)."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_stvit_deit("stvit_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def stvit_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
+    """STViT-DeiT-Small: DeiT-S with 16 semantic tokens after block 4 (1.91 GFLOPs vs 4.58)."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_stvit_deit("stvit_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def stvit_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
+    """STViT-DeiT-Base: DeiT-B with 16 semantic tokens after block 4 (7.31 GFLOPs vs 17.58)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_stvit_deit("stvit_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def stvit_vit_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
+    """STViT on any plain ViT: give embed_dim, depth, num_heads, patch_size... (used by conversion)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_stvit_deit("stvit_vit_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
