@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, load_model, read_config
-from .errors import CheckpointError, DownloadError, StvitError
+from .errors import CheckpointError, DownloadError, InvalidArgumentError, StvitError
 
 _logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def _describe(e: BaseException, *, repo_id: str, revision: Optional[str], endpoi
     if names & {"TimeoutException", "Timeout", "ReadTimeout"}:
         return f"timed out talking to {endpoint}"
     if "OfflineModeIsEnabled" in names:
-        return f"{repo_id}@{rev} is not in the local cache and HF_HUB_OFFLINE is set"
+        return f"HF_HUB_OFFLINE is set, so {endpoint} is not contacted (and {repo_id}@{rev} is not cached)"
     if "RevisionNotFoundError" in names:
         return f"revision {rev!r} not found in {repo_id} (HTTP 404)"
     if "LocalTokenNotFoundError" in names:
@@ -193,7 +193,9 @@ def _hub_errors(action: str, *, repo_id: str, revision: Optional[str], endpoint:
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # huggingface_hub and its HTTP client raise many unrelated types
-        _logger.debug("%s failed", action, exc_info=True)
+        _logger.debug("%s failed: %s", action, scrub(repr(e), token))
+        if "HFValidationError" in _class_names(e):  # a malformed repo id or revision
+            raise InvalidArgumentError(scrub(f"{action} failed: {_first_line(e)}", token)) from None
         message = _describe(e, repo_id=repo_id, revision=revision, endpoint=endpoint)
         raise HubError(scrub(f"{action} failed: {message}", token)) from None
 

@@ -181,3 +181,20 @@ def test_server_resolve_headers_range_and_auth(hub_server, tmp_path):
     assert status == 404 and headers["X-Error-Code"] == "RevisionNotFound"
     status, headers, _ = http("HEAD", url.replace("model.safetensors", "missing.bin"), ALICE_TOKEN)
     assert status == 404 and headers["X-Error-Code"] == "EntryNotFound"
+
+
+def test_library_errors_are_one_line_and_scrubbed(hub_server, tmp_path, monkeypatch):
+    from stvit_core.errors import InvalidArgumentError
+
+    with pytest.raises(HubError, match=r"authentication failed \(HTTP 401\)") as err:
+        pull_from_hub("alice/x", output_dir=tmp_path / "o", token=BAD_TOKEN, endpoint=hub_server.url)
+    assert BAD_TOKEN not in str(err.value) and "\n" not in str(err.value)
+    model_dir = make_tiny_model(tmp_path / "m")
+    with pytest.raises(InvalidArgumentError, match="Repo id must"):
+        push_to_hub(model_dir, "not a repo id!", token=ALICE_TOKEN, endpoint=hub_server.url)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no HF_TOKEN, no saved login
+    with pytest.raises(HubError, match="needs a Hugging Face token"):
+        push_to_hub(model_dir, "alice/x", endpoint=hub_server.url)
+    assert hub_server.state.repos == {}
