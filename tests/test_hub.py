@@ -198,3 +198,19 @@ def test_library_errors_are_one_line_and_scrubbed(hub_server, tmp_path, monkeypa
     with pytest.raises(HubError, match="needs a Hugging Face token"):
         push_to_hub(model_dir, "alice/x", endpoint=hub_server.url)
     assert hub_server.state.repos == {}
+
+
+def test_upload_dropped_until_retries_run_out_is_a_clear_error(hub_server, tmp_path, monkeypatch):
+    import functools
+
+    import huggingface_hub.lfs
+
+    # huggingface_hub retries 5 times over ~23 s; keep its logic but with 1 retry and short waits.
+    fast = functools.partial(huggingface_hub.lfs.http_backoff, max_retries=1, base_wait_time=0.05)
+    monkeypatch.setattr(huggingface_hub.lfs, "http_backoff", fast)
+    hub_server.state.drop_uploads = 100
+    with pytest.raises(HubError, match="connection .* was dropped and retries did not help") as err:
+        push_to_hub(make_tiny_model(tmp_path / "m"), "alice/flaky", token=ALICE_TOKEN, endpoint=hub_server.url)
+    assert "\n" not in str(err.value) and ALICE_TOKEN not in str(err.value)
+    assert hub_server.state.drop_uploads == 98  # the first try and one retry
+    assert len(hub_server.state.commits_received) == 0  # nothing half-committed

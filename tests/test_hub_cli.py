@@ -154,6 +154,7 @@ def test_push_to_branch_and_pull_that_revision(hub_server, tiny_model_dir, tmp_p
     assert not torch.equal(logits["hf-hub:alice/branchy"], logits["hf-hub:alice/branchy@dev"])
 
 
+@pytest.mark.slow
 def test_private_repo_is_invisible_without_a_token(hub_server, tiny_model_dir, tmp_path):
     push = run_cli(["push-to-hub", str(tiny_model_dir), "alice/secret", "--private", "--json"],
                    hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN))
@@ -220,6 +221,7 @@ def test_push_to_someone_elses_namespace_is_refused(hub_server, tiny_model_dir, 
     assert_one_line_error(proc, "403")
 
 
+@pytest.mark.slow
 def test_missing_repo_and_missing_revision_are_404(hub_server, tiny_model_dir, tmp_path):
     missing = run_cli(["pull", "alice/nope"], hub_env(hub_server.url, tmp_path / "h1", ALICE_TOKEN))
     assert_one_line_error(missing, "alice/nope", "not found", "404")
