@@ -196,13 +196,16 @@ def test_file_over_10mb_goes_through_lfs_and_dropped_upload_is_retried(hub_serve
     assert (tmp_path / "out" / "metrics.csv").read_bytes() == big
 
 
-def test_create_pr_leaves_main_alone(hub_server, tiny_model_dir, tmp_path):
-    env = hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN)
+def test_create_pr_with_the_saved_login(hub_server, tiny_model_dir, tmp_path):
+    env = hub_env(hub_server.url, tmp_path / "home")  # no HF_TOKEN: the token saved by `hf auth login`
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "token").write_text(ALICE_TOKEN)
     push_in_process(hub_server, tiny_model_dir, "stvit-org/shared")
     main_before = hub_server.state.repos["stvit-org/shared"].branches["main"]
     other = make_tiny_model(tmp_path / "seed2", seed=2)
     pr = run_cli(["push-to-hub", str(other), "stvit-org/shared", "--create-pr", "--json"], env)
     assert pr.returncode == 0, pr.stderr
+    assert_clean(pr)
     result = json.loads(pr.stdout)
     assert result["pr_url"].endswith("/stvit-org/shared/discussions/1")
     repo = hub_server.state.repos["stvit-org/shared"]
