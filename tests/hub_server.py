@@ -694,10 +694,6 @@ class HubServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def requests_to(self, pattern: str) -> List[Tuple[str, str]]:
-        with self.state.lock:
-            return [r for r in self.state.requests if re.search(pattern, r[1])]
-
 
 if __name__ == "__main__":  # manual use: python tests/hub_server.py DIR TOKEN USER
     import sys

@@ -134,6 +134,14 @@ def test_pulling_a_repo_that_is_not_a_model_leaves_no_output(hub_server, tmp_pat
     assert not (tmp_path / "out").exists()
     assert not any(tmp_path.iterdir())  # no temporary directory left behind either
 
+    # The rest of the server's repo API, through the real client.
+    [info] = api.get_paths_info("alice/text-only", ["notes.txt", "missing.txt"])
+    assert (info.path, info.size, info.lfs) == ("notes.txt", 5, None)
+    api.create_branch("alice/text-only", branch="v1")
+    assert {b.name for b in api.list_repo_refs("alice/text-only").branches} == {"main", "v1"}
+    api.delete_repo("alice/text-only")
+    assert not api.repo_exists("alice/text-only")
+
 
 # --- the loopback server itself --------------------------------------------------------------------------
 def http(method, url, token=None, headers=None):
