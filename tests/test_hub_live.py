@@ -36,7 +36,8 @@ def test_push_and_pull_on_the_real_hub(tmp_path):
         assert push_to_hub(model_dir, repo_id, token=TOKEN, endpoint=ENDPOINT).unchanged
         pulled = pull_from_hub(repo_id, output_dir=tmp_path / "out", token=TOKEN, endpoint=ENDPOINT)
         assert pulled.commit_oid in (None, pushed.commit_oid)
-        original, downloaded = load_file(model_dir / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+        original = load_file(model_dir / "model.safetensors")
+        downloaded = load_file(tmp_path / "out" / "model.safetensors")
         assert original.keys() == downloaded.keys()
         assert all(torch.equal(original[k], downloaded[k]) for k in original)
     finally:
