@@ -29,6 +29,9 @@ USERS = {ALICE_TOKEN: ("alice", ["stvit-org"]), BOB_TOKEN: ("bob", [])}
 @pytest.fixture
 def hub_server(tmp_path_factory) -> HubServer:
     """A fresh loopback Hub (users alice and bob) for one test."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # for the in-process pushes and pulls (subprocesses get the env variable)
     with HubServer(tmp_path_factory.mktemp("hub-storage"), USERS) as server:
         yield server
 
