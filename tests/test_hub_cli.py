@@ -253,3 +253,15 @@ def test_pushing_a_directory_that_is_not_a_model(hub_server, tmp_path):
     proc = run_cli(["push-to-hub", str(not_a_model), "alice/x"], hub_env(hub_server.url, tmp_path / "h", ALICE_TOKEN))
     assert_one_line_error(proc, "not a model directory", "config.json")
     assert hub_server.state.repos == {}  # refused before anything was created
+
+
+@pytest.mark.slow
+def test_other_commands_take_hf_hub_specs_with_a_revision(hub_server, tiny_model_dir, tmp_path):
+    """`stvit benchmark hf-hub:REPO@REV` against a self-hosted endpoint (HF_ENDPOINT only)."""
+    push_in_process(hub_server, tiny_model_dir, "alice/bench", revision="dev")
+    proc = run_cli(["benchmark", "hf-hub:alice/bench@dev", "--rounds", "1", "--round-time", "0.05", "-b", "2",
+                    "--threads", "1", "--json"], hub_env(hub_server.url, tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["stvit_model"] == "stvit_deit_tiny_patch16_224" and result["tokens"] == 4
+    assert ("GET", "/alice/bench/resolve/dev/config.json") in hub_server.state.requests
