@@ -20,7 +20,7 @@ import torch.nn as nn
 from .errors import InvalidArgumentError
 from .flops import count_flops, count_params
 
-__all__ = ["BenchmarkSettings", "benchmark_models", "benchmark_pair", "models_for_benchmark"]
+__all__ = ["BenchmarkSettings", "benchmark_models", "benchmark_pair", "check_settings", "models_for_benchmark"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,7 +39,8 @@ class BenchmarkSettings:
     min_round_time: float = 1.0  # seconds of work per model per round; sets the steps per round
 
 
-def _check(settings: BenchmarkSettings) -> None:
+def check_settings(settings: BenchmarkSettings) -> None:
+    """Raise a one-line error for settings this machine or torch cannot run."""
     if settings.dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {settings.dtype!r} (expected {', '.join(DTYPES)})")
     if settings.bench not in ("inference", "train"):
@@ -100,7 +101,7 @@ def benchmark_models(
 ) -> Dict[str, Dict[str, Any]]:
     """Time each model on the same random batch; returns ``{name: {img_per_sec, peak_memory_mb, ...}}``."""
     settings = settings or BenchmarkSettings()
-    _check(settings)
+    check_settings(settings)
     device = torch.device(settings.device)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     x = torch.randn((settings.batch_size, *input_size), device=device).contiguous(memory_format=memory_format)
@@ -153,7 +154,7 @@ def benchmark_pair(
 ) -> Dict[str, Any]:
     """Benchmark ``base`` against ``stvit``; the result has the ``stvit benchmark --json`` schema."""
     settings = settings or BenchmarkSettings()
-    _check(settings)
+    check_settings(settings)
     input_size = tuple(input_size or stvit.pretrained_cfg.get("input_size", (3, 224, 224)))
     flops = {"base": count_flops(base, input_size), "stvit": count_flops(stvit, input_size)}
     params = {"base": count_params(base), "stvit": count_params(stvit)}

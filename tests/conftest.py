@@ -64,3 +64,6 @@ def tiny_vit_checkpoint(tmp_path: Path) -> Path:
     path = tmp_path / "deit_tiny.pth"
     torch.save({"model": model.state_dict(), "epoch": 300}, path)
     return path
+
+
+from .hub_fixtures import hub_server, tiny_model_dir  # noqa: E402,F401  (loopback Hub server fixtures)

@@ -3,5 +3,6 @@
 from .benchmark import benchmark
 from .convert import convert
 from .env import env
+from .hub import pull, push_to_hub
 
-COMMANDS = [convert, benchmark, env]
+COMMANDS = [convert, benchmark, push_to_hub, pull, env]

@@ -63,10 +63,19 @@ def benchmark(
     """
     import torch
 
-    from stvit_core.benchmark import BenchmarkSettings, benchmark_pair, models_for_benchmark
+    from stvit_core.benchmark import BenchmarkSettings, benchmark_pair, check_settings, models_for_benchmark
 
     if threads:
         torch.set_num_threads(threads)
+    runs = [
+        BenchmarkSettings(
+            batch_size=batch_size, device=device, dtype=dtype, bench=kind, compile=compile_,
+            cuda_graphs=cuda_graphs, channels_last=channels_last, rounds=rounds, min_round_time=round_time,
+        )
+        for kind in (["inference", "train"] if bench == "both" else [bench])
+    ]
+    for settings in runs:
+        check_settings(settings)  # before building models: bad input fails at once
     stvit_kwargs: dict = {}
     if tokens_per_window is not None:
         stvit_kwargs["semantic_tokens_per_window"] = tokens_per_window
@@ -74,11 +83,7 @@ def benchmark(
         stvit_kwargs["recovery"] = True
     base, stvit, source_name = models_for_benchmark(model, num_semantic_tokens, stvit_kwargs=stvit_kwargs)
     results = []
-    for kind in (["inference", "train"] if bench == "both" else [bench]):
-        settings = BenchmarkSettings(
-            batch_size=batch_size, device=device, dtype=dtype, bench=kind, compile=compile_,
-            cuda_graphs=cuda_graphs, channels_last=channels_last, rounds=rounds, min_round_time=round_time,
-        )
+    for settings in runs:
         result = benchmark_pair(base, stvit, settings)
         result = {"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
                   "tokens": getattr(stvit, "num_semantic_tokens", None),
