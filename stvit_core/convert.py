@@ -351,6 +351,9 @@ def convert_release_checkpoint(
 
     from .models.swin import checkpoint_filter_fn
 
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
     try:
         args = release_model_args(state_dict)
     except (KeyError, ValueError, IndexError) as e:
@@ -367,8 +370,7 @@ def convert_release_checkpoint(
             f"{args['depths']}, which does not match {alias}"
         )
     if args["global_semantic_tokens"] and semantic_tokens_per_window is None:
-        tokens = state_dict.get("model", state_dict)
-        n = next(v for k, v in tokens.items() if k.endswith("semantic_token2")).shape[1]
+        n = next(v for k, v in state_dict.items() if k.endswith("semantic_token2")).shape[1]
         semantic_tokens_per_window = n // 4  # released for 224 px: 2x2 windows in stage 3
     args["semantic_tokens_per_window"] = semantic_tokens_per_window or 9
     args.update(kwargs)

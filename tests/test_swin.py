@@ -66,6 +66,21 @@ def test_release_conversion_through_cli(release_ckpt, expected, tmp_path):
         assert (model(expected["input"]) - expected["logits"]).abs().max().item() <= 1e-4
 
 
+def test_release_format_with_global_tokens_and_4_tokens_per_window(tmp_path):
+    """Second official-code fixture: Swin-T layout, 4 tokens per window, global semantic tokens on (their
+    order in the release is row-major over the semantic grid; ours is window by window)."""
+    path = tmp_path / "global4.pth"
+    path.write_bytes(gzip.decompress((FIXTURES / "stvit_r_swin_t_global4_tiny.pth.gz").read_bytes()))
+    exp = torch.load(FIXTURES / "stvit_r_swin_t_global4_tiny_expected.pt", weights_only=True)
+    model = convert("swin_tiny", checkpoint=path).eval()
+    assert model.semantic_tokens_per_window == 4
+    with torch.no_grad():
+        assert (model(exp["input"]) - exp["logits"]).abs().max().item() <= 1e-4
+        tokens = model.layers[2].units[0].generator.global_tokens
+        tokens.copy_(tokens.flip(1))  # a wrong token order is visible in the logits
+        assert (model(exp["input"]) - exp["logits"]).abs().max().item() > 1e-3
+
+
 def test_release_parameter_counts():
     """Release configuration (conv stem, 9 tokens per window, global tokens off) = the released models."""
     with torch.device("meta"):
