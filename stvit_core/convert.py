@@ -383,6 +383,8 @@ def convert_release_checkpoint(
         model.load_state_dict(filtered, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"release checkpoint does not fit {arch}: {_mismatch_summary(e)}") from None
+    # the release evaluates as Swin does: bicubic resize to 256, centre crop 224, ImageNet mean/std
+    model.pretrained_cfg = dict(model.pretrained_cfg, crop_pct=0.875, interpolation="bicubic")
     model.stvit_model_args = _json_args(args)
     return model
 
@@ -393,7 +395,8 @@ def _copy_data_config(source: nn.Module, model: nn.Module) -> None:
     for key in ("mean", "std", "crop_pct", "crop_mode", "interpolation", "input_size", "label_names", "label_descriptions"):
         if src_cfg.get(key) is not None:
             cfg[key] = src_cfg[key]
-    cfg["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    in_chans = getattr(model, "in_chans", None) or model.patch_embed.proj.in_channels
+    cfg["input_size"] = (in_chans, *model.patch_embed.img_size)
     cfg["num_classes"] = model.num_classes
     model.pretrained_cfg = cfg
 
