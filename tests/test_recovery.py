@@ -84,3 +84,11 @@ def test_cli_recovery_conversion(tmp_path):
     proc = run_cli("convert", "deit_tiny", "--tokens-per-window", "9", "--no-pretrained", "--output", bad)
     assert_one_line_error(proc, "--tokens-per-window is for Swin")
     assert proc.returncode == 2 and not bad.exists()
+
+
+def test_layer_decay_groups_follow_source_depth():
+    from timm.models import group_parameters
+
+    model = timm.create_model("stvit_r_deit_small_patch16_224", **SMALL)
+    groups = group_parameters(model, model.group_matcher())
+    assert len(groups) == 1 + 12 + 1  # stem, the 12 source blocks (final norm joins the last, as in timm), head

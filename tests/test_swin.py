@@ -278,3 +278,16 @@ def test_convert_from_a_microsoft_layout_checkpoint_file(tmp_path):
     model = convert("swin_tiny", checkpoint=path, source_kwargs=TINY)
     ref = convert_model(src)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_layer_decay_groups_follow_swin_depth():
+    """Layer-wise lr decay sees STViT-R-Swin with Swin's depth: one group per replaced block, same count."""
+    from timm.models import group_parameters
+
+    ours = timm.create_model("stvit_r_swin_small_patch4_window7_224", **TINY)
+    swin = timm.create_model("swin_small_patch4_window7_224", **TINY)
+    assert len(group_parameters(ours, ours.group_matcher())) == len(group_parameters(swin, swin.group_matcher()))
+    order = ours.group_matcher()
+    assert order("layers.2.units.1.image_blocks.0.norm1.weight") < order("layers.2.units.1.generator.layers.0.attn.q.weight") \
+        < order("layers.2.units.1.semantic_blocks.1.attn.q.weight") < order("layers.2.units.1.recovery.norm1.weight") \
+        < order("layers.2.units.2.image_blocks.0.norm1.weight") < order("layers.3.blocks.0.norm1.weight")

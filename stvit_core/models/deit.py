@@ -394,6 +394,26 @@ class RecoveryVisionTransformer(VisionTransformer):
         self.feature_info = [dict(module=f"blocks.{u}", num_chs=dim, reduction=reduction) for u in range(len(units))]
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """Every part of a unit at the depth of the source block it came from (layer-wise lr decay)."""
+        if coarse:
+            return super().group_matcher(coarse=True)
+
+        def ordinal(name: str) -> Tuple[float, ...]:
+            if re.match(r"^(cls_token|pos_embed|patch_embed|reg_token)", name):
+                return (0.0,)
+            if name.startswith("norm."):
+                return (99999.0,)
+            m = re.match(r"^blocks\.(\d+)\.(\w+)\.(?:layers\.)?(\d+)?", name)
+            if m:
+                offset = {"image_blocks": 0, "generator": 1, "semantic_blocks": 3, "recovery": 5}[m.group(2)]
+                sub = int(m.group(3)) if m.group(3) and m.group(2) != "recovery" else 0
+                return (1.0 + int(m.group(1)) * R_UNIT_DEPTH + offset + sub,)
+            return (float("inf"),)
+
+        return ordinal
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return super().no_weight_decay() | {n for n, _ in self.named_parameters() if n.endswith("global_tokens")}
 

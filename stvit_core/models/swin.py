@@ -243,6 +243,31 @@ class SemanticSwinTransformer(SwinTransformer):
                     m.fused_attn = True
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """timm's Swin grouping; inside the semantic stage every part of a unit is ordered at the depth of the
+        Swin block it replaces, so layer-wise lr decay sees the same depth as for Swin."""
+        if coarse:
+            return super().group_matcher(coarse=True)
+        s = self.semantic_stage
+
+        def ordinal(name: str) -> Tuple[float, ...]:
+            if name.startswith("patch_embed"):
+                return (0.0,)
+            if name.startswith("norm"):
+                return (1.0, 99999.0)
+            m = re.match(rf"^layers\.{s}\.units\.(\d+)\.(\w+)\.(?:layers\.)?(\d+)?", name)
+            if m:
+                offset = {"image_blocks": 0, "generator": 1, "semantic_blocks": 3, "recovery": 5}[m.group(2)]
+                sub = int(m.group(3)) if m.group(3) and m.group(2) != "recovery" else 0
+                return (1.0, float(s), float(int(m.group(1)) * UNIT_DEPTH + offset + sub))
+            m = re.match(r"^layers\.(\d+)\.(?:downsample|blocks\.(\d+))", name)
+            if m:
+                return (1.0, float(m.group(1)), float(m.group(2) or 0))
+            return (float("inf"),)
+
+        return ordinal
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set:
         nwd = super().no_weight_decay()
         return nwd | {n for n, _ in self.named_parameters() if n.endswith("global_tokens")}
