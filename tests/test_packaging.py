@@ -40,11 +40,11 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
     Path(site, "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheels[0])],
-                   check=True, capture_output=True, text=True, timeout=300)
-
+    # Outside the checkout and without PYTHONPATH, so that no development copy of stvit is visible to pip.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed", "--quiet",
+                    str(wheels[0])], check=True, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     stvit = env_dir / "bin" / "stvit"
     located = subprocess.run([str(py), "-c", "import stvit_core; print(stvit_core.__file__)"], env=env, cwd=tmp_path,
                              check=True, capture_output=True, text=True).stdout
