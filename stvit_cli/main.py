@@ -50,7 +50,16 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _quiet_libraries() -> None:
+    # huggingface_hub logs every retry as a warning; the CLI reports failures itself, in one line.
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    logging.getLogger("timm").setLevel(logging.ERROR)
+
+
 def main() -> None:
+    _quiet_libraries()
     cli(prog_name="stvit")
 
 

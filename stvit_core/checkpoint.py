@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Iterator, Mapping, Optional, Union
 
@@ -28,6 +29,10 @@ from .errors import CheckpointError, DownloadError, OutputExistsError, StvitErro
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PathLike = Union[str, os.PathLike]
+
+# Config objects that training scripts pickle next to the weights, read as plain containers (never executed):
+# yacs' CfgNode (Swin / STViT-R checkpoints: {'model': ..., 'config': CfgNode}) is a dict subclass.
+_CONFIG_STANDINS = [(OrderedDict, "yacs.config.CfgNode"), set]
 
 # Keys under which training scripts commonly nest the state dict, most specific first.
 _STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
@@ -209,7 +214,8 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
 
             obj: Any = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_CONFIG_STANDINS):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
     if isinstance(obj, Mapping):

@@ -21,8 +21,12 @@ __all__ = ["count_flops", "count_flops_by_module", "count_params"]
 
 def _input_shape(model: nn.Module, input_size: Union[None, Sequence[int]]) -> Tuple[int, ...]:
     if input_size is None:
+        # the size the model was built for (timm models keep it on the patch embedding), else its config's
         cfg = getattr(model, "pretrained_cfg", None) or {}
         input_size = cfg.get("input_size", (3, 224, 224))
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            input_size = (input_size[0], *img_size)
     return tuple(int(s) for s in input_size)
 
 
@@ -47,7 +51,8 @@ def _count(model: nn.Module, input_size: Union[None, Sequence[int]]) -> FlopCoun
 def count_flops(model: nn.Module, input_size: Union[None, Sequence[int]] = None) -> float:
     """GFLOPs (= giga multiply-accumulates) of one forward pass on one image of ``input_size`` (C, H, W).
 
-    ``input_size`` defaults to the model's ``pretrained_cfg['input_size']``.
+    ``input_size`` defaults to the size the model was built for (``patch_embed.img_size``), else
+    ``pretrained_cfg['input_size']``.
     """
     return _count(model, input_size).get_total_flops() / 2 / 1e9
 

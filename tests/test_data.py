@@ -8,7 +8,7 @@ from timm.data import ImageNetInfo
 
 from stvit_core import data as stdata
 from stvit_core.errors import DataError
-from train_utils import make_subset, tiny_stvit
+from tests.train_utils import make_subset, tiny_stvit
 
 
 def test_embedded_subset_layout_and_licence():

@@ -10,7 +10,7 @@ from timm.data import ImageNetInfo
 
 from stvit_core import save_model
 from stvit_core.data import embedded_dataset_path
-from train_utils import assert_one_line_error, cli, cli_in_process, tiny_stvit
+from tests.train_utils import assert_one_line_error, cli, cli_in_process, tiny_stvit
 
 # ImageNet class index -> number of images in its synset folder
 COUNTS = {0: 3, 100: 4, 200: 2, 300: 5, 400: 1, 500: 2, 900: 3}

@@ -1,7 +1,10 @@
 """One module per command; each exports a click command. Order here is the order in ``--help``."""
 
+from .benchmark import benchmark
+from .convert import convert
 from .env import env
 from .eval import eval_group
 from .finetune import finetune
+from .hub import pull, push_to_hub
 
-COMMANDS = [finetune, eval_group, env]
+COMMANDS = [convert, finetune, eval_group, benchmark, push_to_hub, pull, env]

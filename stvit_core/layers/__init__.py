@@ -3,17 +3,29 @@
 from .semantic import (
     CrossAttention,
     CrossAttentionBlock,
+    DumbbellUnit,
+    GroupedSelfAttentionBlock,
     RecoveryBlock,
     SemanticTokenGenerator,
+    WindowSemanticTokenGenerator,
     pool_image_tokens,
+    pool_windows,
     semantic_grid_size,
+    window_grid,
+    window_neighbourhood_index,
 )
 
 __all__ = [
     "CrossAttention",
     "CrossAttentionBlock",
+    "DumbbellUnit",
+    "GroupedSelfAttentionBlock",
     "RecoveryBlock",
     "SemanticTokenGenerator",
+    "WindowSemanticTokenGenerator",
     "pool_image_tokens",
+    "pool_windows",
     "semantic_grid_size",
+    "window_grid",
+    "window_neighbourhood_index",
 ]

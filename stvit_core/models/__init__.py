@@ -1,6 +1,8 @@
 """STViT model families. Importing this package registers every model with timm."""
 
 from . import deit  # noqa: F401
+from . import swin  # noqa: F401
 from .deit import SemanticVisionTransformer
+from .swin import SemanticSwinTransformer
 
-__all__ = ["SemanticVisionTransformer"]
+__all__ = ["SemanticSwinTransformer", "SemanticVisionTransformer"]

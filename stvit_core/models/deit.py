@@ -19,15 +19,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import LayerScale, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..layers import SemanticTokenGenerator, semantic_grid_size
+from ..layers import DumbbellUnit, RecoveryBlock, SemanticTokenGenerator, semantic_grid_size
 
-__all__ = ["SemanticVisionTransformer", "checkpoint_filter_fn"]
+__all__ = ["RecoveryVisionTransformer", "SemanticVisionTransformer", "checkpoint_filter_fn", "recovery_checkpoint_filter_fn"]
 
 
 class SemanticVisionTransformer(VisionTransformer):
@@ -88,7 +88,7 @@ class SemanticVisionTransformer(VisionTransformer):
         # timm built `depth` blocks with the stochastic-depth schedule over the whole depth; keep the ones that stay
         # ordinary blocks and rebuild the generator's positions as cross-attention layers with the same rates.
         blocks = list(self.blocks)
-        dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # timm's linear schedule
         ref = blocks[0]
         embed_dim = self.embed_dim
         self.blocks = nn.Sequential(*blocks[:num_image_blocks])
@@ -102,9 +102,10 @@ class SemanticVisionTransformer(VisionTransformer):
             mlp_ratio=ref.mlp.fc1.out_features / embed_dim,
             qkv_bias=ref.attn.qkv.bias is not None,
             drop_path=dpr[num_image_blocks:num_image_blocks + generator_depth],
-            init_values=float(ref.ls1.gamma.flatten()[0]) if isinstance(ref.ls1, LayerScale) else None,
+            init_values=kwargs.get("init_values"),
             norm_layer=partial(nn.LayerNorm, eps=ref.norm1.eps),
             act_layer=type(ref.mlp.act),
+            num_prefix_tokens=self.num_prefix_tokens,
         )
         self.semantic_blocks = nn.Sequential(*blocks[num_image_blocks + generator_depth:])
         named_apply(init_weights_vit_timm, self.semantic_token_generator)
@@ -116,18 +117,26 @@ class SemanticVisionTransformer(VisionTransformer):
         ]
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        # Layer-wise lr decay sees one sequence: image blocks, generator layers, semantic blocks.
-        return dict(
-            stem=r"^cls_token|pos_embed|patch_embed|reg_token",
-            blocks=[
-                (r"^blocks\.(\d+)", None),
-                (r"^semantic_token_generator\.global_tokens", (self.num_image_blocks,)),
-                (r"^semantic_token_generator\.layers\.(\d+)", (self.num_image_blocks,)),
-                (r"^semantic_blocks\.(\d+)", (self.num_image_blocks + self.generator_depth,)),
-                (r"^norm", (99999,)),
-            ],
-        )
+    def group_matcher(self, coarse: bool = False):
+        """Depth ordinals for layer-wise lr decay: image blocks, generator layers, then semantic blocks."""
+        nb, gd = self.num_image_blocks, self.generator_depth
+
+        def ordinal(name: str) -> float:
+            if name.startswith(("cls_token", "pos_embed", "patch_embed", "reg_token", "norm_pre")):
+                return 0
+            for pattern, offset in (
+                (r"^blocks\.(\d+)", 1),
+                (r"^semantic_token_generator\.layers\.(\d+)", 1 + nb),
+                (r"^semantic_blocks\.(\d+)", 1 + nb + gd),
+            ):
+                m = re.match(pattern, name)
+                if m:
+                    return offset + int(m.group(1))
+            if name.startswith("semantic_token_generator."):  # global tokens, with the first generator layer
+                return 1 + nb
+            return float("inf")  # final norm and head
+
+        return ordinal
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -167,15 +176,8 @@ def _is_stvit_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("semantic_token_generator.", "semantic_blocks.")) for k in state_dict)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVisionTransformer) -> Dict[str, torch.Tensor]:
-    """Convert a timm DeiT/ViT state dict (or pass through an STViT one) to ``model``'s keys.
-
-    Source block ``i`` maps to ``blocks.i`` for ``i < num_image_blocks``, to generator layer
-    ``i - num_image_blocks`` (``qkv`` split into ``q`` and ``kv``), then to ``semantic_blocks``. Position
-    embeddings are resampled by timm when the image size differs. Global semantic tokens, absent from the
-    source, start at zero: the converted generator is then exactly pooling followed by the source blocks'
-    attention and MLP weights applied as cross-attention.
-    """
+def _prepare_vit_state_dict(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
+    """Unwrap, drop DeiT's distillation token, resample pos_embed / patch_embed (timm's ViT filter)."""
     state_dict = state_dict.get("model", state_dict)
     state_dict = state_dict.get("state_dict", state_dict)
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
@@ -185,7 +187,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVis
             # distilled DeiT has two prefix tokens; keep the class token's position embedding
             pe = state_dict["pos_embed"]
             state_dict["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
-    state_dict = vit_checkpoint_filter_fn(state_dict, model)  # resamples pos_embed / patch_embed if needed
+    return vit_checkpoint_filter_fn(state_dict, model)  # resamples pos_embed / patch_embed if needed
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Convert a timm DeiT/ViT state dict (or pass through an STViT one) to ``model``'s keys.
+
+    Source block ``i`` maps to ``blocks.i`` for ``i < num_image_blocks``, to generator layer
+    ``i - num_image_blocks`` (``qkv`` split into ``q`` and ``kv``), then to ``semantic_blocks``. Position
+    embeddings are resampled by timm when the image size differs. Global semantic tokens, absent from the
+    source, start at zero: the converted generator is then exactly pooling followed by the source blocks'
+    attention and MLP weights applied as cross-attention.
+    """
+    state_dict = _prepare_vit_state_dict(state_dict, model)
     if _is_stvit_state_dict(state_dict):
         return state_dict
 
@@ -284,3 +298,212 @@ def stvit_vit_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVi
     """STViT on any plain ViT: give embed_dim, depth, num_heads, patch_size... (used by conversion)."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_stvit_deit("stvit_vit_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# STViT-R on DeiT / ViT (beyond the paper): dumbbell units keep the full token map for dense tasks.
+
+R_UNIT_DEPTH = 6  # image block, 2 generator layers, 2 semantic blocks, recovery
+_R_UNIT_PARTS = ("image_blocks.0", "generator.layers.0", "generator.layers.1",
+                 "semantic_blocks.0", "semantic_blocks.1", "recovery")
+
+
+class _SequenceGenerator(SemanticTokenGenerator):
+    """The generator on a ViT token sequence ``concat(prefix, image tokens)`` of a fixed patch grid."""
+
+    def __init__(self, *args: Any, grid_size: Tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grid_size = tuple(grid_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        p = self.num_prefix_tokens
+        return super().forward(x[:, p:], self.grid_size, x[:, :p] if p else None)
+
+
+class _SequenceRecovery(RecoveryBlock):
+    """Recovery on a ViT sequence: image tokens read from ``concat(prefix, S)``; the prefix (class token)
+    continues from the semantic path, where it was refined with the semantic tokens."""
+
+    def __init__(self, *args: Any, num_prefix_tokens: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, context_index=None) -> torch.Tensor:
+        p = self.num_prefix_tokens
+        image = super().forward(x[:, p:], context)
+        return torch.cat([context[:, :p], image], dim=1) if p else image
+
+
+class RecoveryVisionTransformer(VisionTransformer):
+    """STViT-R on ViT/DeiT: the blocks regrouped into dumbbell units that end on the full token map.
+
+    Each unit of 6 blocks is ``[ViT block, generator layer 1, generator layer 2, ViT block, ViT block,
+    recovery]`` (DeiT's 12 blocks: 2 units). Semantic tokens are the image tokens max-pooled to
+    ``num_semantic_tokens`` (a square grid) and refined by the generator; the class token travels with them.
+    ``self.blocks`` is the sequence of units, so timm's ``forward_intermediates`` / ``features_only=True``
+    give one stride-16 NCHW map per unit. Build with ``img_size=(H, W)`` for other input sizes
+    (``dynamic_img_size`` is not supported: the pooling grid is fixed at build time).
+    """
+
+    def __init__(
+        self,
+        num_semantic_tokens: int = 16,
+        semantic_token_pool: str = "max",
+        global_semantic_tokens: bool = True,
+        depth: int = 12,
+        drop_path_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        if depth < R_UNIT_DEPTH or depth % R_UNIT_DEPTH:
+            raise ValueError(f"depth {depth} is not a multiple of the 6-block dumbbell unit")
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError("dynamic_img_size is not supported; build the model with img_size=(H, W) instead")
+        super().__init__(depth=depth, drop_path_rate=drop_path_rate, **kwargs)
+        grid = tuple(self.patch_embed.grid_size)
+        semantic_grid_size(num_semantic_tokens)
+        if num_semantic_tokens > grid[0] * grid[1]:
+            raise ValueError(f"num_semantic_tokens={num_semantic_tokens} exceeds the {grid[0]}x{grid[1]} image tokens")
+        self.num_semantic_tokens = num_semantic_tokens
+        blocks = list(self.blocks)
+        ref = blocks[0]
+        dim, heads = self.embed_dim, ref.attn.num_heads
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        common = dict(
+            mlp_ratio=ref.mlp.fc1.out_features / dim,
+            qkv_bias=ref.attn.qkv.bias is not None,
+            init_values=kwargs.get("init_values"),
+            norm_layer=partial(nn.LayerNorm, eps=ref.norm1.eps),
+            act_layer=type(ref.mlp.act),
+        )
+        units = []
+        for u in range(depth // R_UNIT_DEPTH):
+            i = u * R_UNIT_DEPTH
+            generator = _SequenceGenerator(
+                dim, heads, num_semantic_tokens=num_semantic_tokens, depth=2, pool=semantic_token_pool,
+                global_tokens=global_semantic_tokens, drop_path=dpr[i + 1:i + 3],
+                num_prefix_tokens=self.num_prefix_tokens, grid_size=grid, **common,
+            )
+            recovery = _SequenceRecovery(dim, heads, drop_path=dpr[i + 5], num_prefix_tokens=self.num_prefix_tokens, **common)
+            for part in (generator, recovery):
+                named_apply(init_weights_vit_timm, part)
+            if generator.global_tokens is not None:
+                trunc_normal_(generator.global_tokens, std=0.02)
+            units.append(DumbbellUnit(nn.Sequential(blocks[i]), generator, nn.Sequential(*blocks[i + 3:i + 5]), recovery))
+        self.blocks = nn.Sequential(*units)
+        reduction = self.patch_embed.patch_size[0]
+        self.feature_info = [dict(module=f"blocks.{u}", num_chs=dim, reduction=reduction) for u in range(len(units))]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """Every part of a unit at the depth of the source block it came from (layer-wise lr decay)."""
+        if coarse:
+            return super().group_matcher(coarse=True)
+
+        def ordinal(name: str) -> Tuple[float, ...]:
+            if re.match(r"^(cls_token|pos_embed|patch_embed|reg_token)", name):
+                return (0.0,)
+            if name.startswith("norm."):
+                return (99999.0,)
+            m = re.match(r"^blocks\.(\d+)\.(\w+)\.(?:layers\.)?(\d+)?", name)
+            if m:
+                offset = {"image_blocks": 0, "generator": 1, "semantic_blocks": 3, "recovery": 5}[m.group(2)]
+                sub = int(m.group(3)) if m.group(3) and m.group(2) != "recovery" else 0
+                return (1.0 + int(m.group(1)) * R_UNIT_DEPTH + offset + sub,)
+            return (float("inf"),)
+
+        return ordinal
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return super().no_weight_decay() | {n for n, _ in self.named_parameters() if n.endswith("global_tokens")}
+
+
+def recovery_checkpoint_filter_fn(
+    state_dict: Dict[str, torch.Tensor], model: RecoveryVisionTransformer
+) -> Dict[str, torch.Tensor]:
+    """A timm DeiT/ViT state dict (or an STViT-R one, passed through) -> ``model``'s keys.
+
+    Source block ``i`` goes to unit ``i // 6``: position 0 stays a ViT block, 1-2 become the generator's
+    layers and 5 the recovery layer (``qkv`` split into ``q`` and ``kv``), 3-4 stay ViT blocks over semantic
+    tokens. Global semantic tokens start at zero, so every converted layer computes what the source block
+    did, with the semantic tokens in place of (or as keys for) the image tokens.
+    """
+    state_dict = _prepare_vit_state_dict(state_dict, model)
+    if any(re.match(r"blocks\.\d+\.(image_blocks|generator|semantic_blocks|recovery)\.", k) for k in state_dict):
+        return state_dict
+    depths = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    model_depth = len(model.blocks) * R_UNIT_DEPTH
+    if not depths or max(depths) + 1 != model_depth:
+        raise ValueError(
+            f"source model has {max(depths) + 1 if depths else 0} blocks, STViT-R model expects {model_depth}"
+        )
+    dim = model.embed_dim
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)", k)
+        if m is None:
+            out[k] = v
+            continue
+        i, rest = int(m.group(1)), m.group(2)
+        part = _R_UNIT_PARTS[i % R_UNIT_DEPTH]
+        prefix = f"blocks.{i // R_UNIT_DEPTH}.{part}."
+        if part.startswith(("generator", "recovery")) and rest.startswith("attn.qkv."):
+            kind = rest[len("attn.qkv."):]
+            out[prefix + "attn.q." + kind] = v[:dim]
+            out[prefix + "attn.kv." + kind] = v[dim:]
+        else:
+            out[prefix + rest] = v
+    for name, p in model.named_parameters():
+        if name.endswith("generator.global_tokens"):
+            out[name] = torch.zeros_like(p)
+    return out
+
+
+def _create_stvit_r_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
+    out_indices = kwargs.pop("out_indices", 2)
+    return build_model_with_cfg(
+        RecoveryVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=recovery_checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+default_cfgs.update(generate_default_cfgs(
+    {
+        "stvit_r_deit_tiny_patch16_224.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
+        "stvit_r_deit_small_patch16_224.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
+        "stvit_r_deit_base_patch16_224.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+        "stvit_r_vit_patch16_224": _cfg(None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9),
+    }
+))
+
+
+@register_model
+def stvit_r_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
+    """STViT-R-DeiT-Tiny: DeiT-T as 2 dumbbell units (16 semantic tokens), 14x14 output map."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_stvit_r_deit("stvit_r_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def stvit_r_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
+    """STViT-R-DeiT-Small: DeiT-S as 2 dumbbell units (16 semantic tokens), 14x14 output map."""
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_stvit_r_deit("stvit_r_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def stvit_r_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
+    """STViT-R-DeiT-Base: DeiT-B as 2 dumbbell units (16 semantic tokens), 14x14 output map."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_stvit_r_deit("stvit_r_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def stvit_r_vit_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
+    """STViT-R on any plain ViT (embed_dim, depth a multiple of 6, num_heads...; used by conversion)."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_stvit_r_deit("stvit_r_vit_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))

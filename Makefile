@@ -1,0 +1,31 @@
+# Two entry points that work on a fresh clone:
+#   make demo   the main job end to end on the embedded default data (no network)
+#   make test   the test suite (what CI runs)
+# Both create .venv on first use. PYTHON picks the interpreter that creates it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stvit-installed
+
+.PHONY: demo test test-fast venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,plot]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/stvit demo --output runs/demo --force
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs build dist *.egg-info

@@ -1,0 +1,467 @@
+"""Source model + weights -> STViT model.
+
+``convert('deit_small', num_semantic_tokens=16)`` builds timm's DeiT-S with its pretrained weights (normal timm /
+Hugging Face Hub download), or with a local ``checkpoint`` file, or randomly initialised with
+``pretrained=False``, and returns the STViT model carrying every one of its weights (see
+:func:`stvit_core.models.deit.checkpoint_filter_fn`). ``recovery=True`` gives STViT-R-DeiT instead.
+
+``convert('swin_small', semantic_tokens_per_window=9)`` does the same for timm's Swin (STViT-R-Swin, see
+:func:`stvit_core.models.swin.checkpoint_filter_fn`); a ``checkpoint`` in the official STViT-R release format
+(``STViT-R-Swin-S.pth`` / ``-B.pth``) is recognised and loaded as the released model (conv stem).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import _one_line, load_state_dict_file
+from .errors import CheckpointError, DownloadError, InvalidArgumentError
+from .flops import count_flops, count_params
+
+__all__ = [
+    "SOURCE_ALIASES",
+    "build_source_model",
+    "conversion_metadata",
+    "convert",
+    "convert_model",
+    "convert_pair",
+    "convert_release_checkpoint",
+    "convert_swin_model",
+    "convert_vit_recovery_model",
+    "resolve_source_name",
+]
+
+# Short names accepted by the CLI -> the timm model (with pretrained tag) they stand for.
+SOURCE_ALIASES: Dict[str, str] = {
+    "deit_tiny": "deit_tiny_patch16_224.fb_in1k",
+    "deit_small": "deit_small_patch16_224.fb_in1k",
+    "deit_base": "deit_base_patch16_224.fb_in1k",
+    "swin_tiny": "swin_tiny_patch4_window7_224.ms_in1k",
+    "swin_small": "swin_small_patch4_window7_224.ms_in1k",
+    "swin_base": "swin_base_patch4_window7_224.ms_in1k",
+}
+
+# Source widths whose STViT architecture has its own registered name (and pretrained config).
+_DEIT_ARCHITECTURES = {192: "stvit_deit_tiny_patch16_224", 384: "stvit_deit_small_patch16_224", 768: "stvit_deit_base_patch16_224"}
+_DEIT_R_ARCHITECTURES = {
+    192: "stvit_r_deit_tiny_patch16_224", 384: "stvit_r_deit_small_patch16_224", 768: "stvit_r_deit_base_patch16_224",
+}
+_SWIN_ARCHITECTURES = {
+    (96, (2, 2, 6, 2)): "stvit_r_swin_tiny_patch4_window7_224",
+    (96, (2, 2, 18, 2)): "stvit_r_swin_small_patch4_window7_224",
+    (128, (2, 2, 18, 2)): "stvit_r_swin_base_patch4_window7_224",
+}
+
+
+def resolve_source_name(name: str) -> str:
+    """Map a CLI alias or timm name to a timm model name; raise a one-line error for unknown names."""
+    import timm
+
+    name = SOURCE_ALIASES.get(name, name)
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        raise InvalidArgumentError(
+            f"unknown model {name!r}: expected {'|'.join(SOURCE_ALIASES)} or a timm DeiT/ViT/Swin name"
+        )
+    return name
+
+
+def build_source_model(
+    name: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The source model with its weights: a local checkpoint, timm's pretrained weights, or random init."""
+    import timm
+
+    name = resolve_source_name(name)
+    if checkpoint is not None:
+        state_dict = load_state_dict_file(checkpoint)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        try:
+            state_dict = _source_filter(model)(state_dict, model)
+            model.load_state_dict(state_dict, strict=True)
+        except Exception as e:  # a foreign layout can fail inside the family's filter too
+            raise CheckpointError(f"{checkpoint} does not fit {name}: {_mismatch_summary(e)}") from None
+        return model
+    if pretrained:
+        if not _weights_cached(name) and not _hub_reachable():
+            # fail at once instead of after huggingface_hub's minute of retries
+            raise DownloadError(
+                f"cannot download pretrained weights for {name}: the Hugging Face Hub is unreachable (offline?); "
+                "pass --checkpoint FILE for local weights or --no-pretrained"
+            )
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise DownloadError(
+                f"cannot download pretrained weights for {name} ({_one_line(e)}); "
+                "pass --checkpoint FILE for local weights or --no-pretrained"
+            ) from None
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _weights_cached(name: str) -> bool:
+    """Whether timm's pretrained weights for ``name`` are already in the local Hugging Face cache."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        return False
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return True  # not a Hub download (a URL or nothing); let timm decide
+    return any(
+        isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+    )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP connect to the Hub endpoint (HF_ENDPOINT honoured); offline mode counts as unreachable."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _source_filter(model: nn.Module):
+    """The checkpoint filter timm uses for ``model``'s family (handles foreign layouts, resampling)."""
+    import importlib
+
+    module = importlib.import_module(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None:
+        return lambda sd, m: sd
+    return fn
+
+
+def _mismatch_summary(e: Exception) -> str:
+    text = str(e)
+    for marker in ("Missing key(s)", "Unexpected key(s)", "size mismatch"):
+        idx = text.find(marker)
+        if idx >= 0:
+            return text[idx:].splitlines()[0].strip()[:300]
+    return _one_line(e)
+
+
+def _vit_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(source, VisionTransformer):
+        raise InvalidArgumentError(f"cannot convert {type(source).__name__}: expected a timm DeiT/ViT model")
+    if getattr(source, "attn_pool", None) is not None or getattr(source, "num_reg_tokens", 0):
+        raise InvalidArgumentError("ViTs with attention pooling or register tokens are not supported")
+    block = source.blocks[0]
+    args: Dict[str, Any] = dict(
+        img_size=tuple(source.patch_embed.img_size),
+        patch_size=tuple(source.patch_embed.patch_size)[0],
+        in_chans=source.patch_embed.proj.in_channels,
+        num_classes=source.num_classes,
+        embed_dim=source.embed_dim,
+        depth=len(source.blocks),
+        num_heads=block.attn.num_heads,
+        mlp_ratio=block.mlp.fc1.out_features / source.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+        class_token=source.cls_token is not None,
+        global_pool=source.global_pool,
+        no_embed_class=source.no_embed_class,
+        pre_norm=not isinstance(source.norm_pre, nn.Identity),
+    )
+    if hasattr(block.ls1, "gamma"):
+        args["init_values"] = 1e-5
+    if not isinstance(source.fc_norm, nn.Identity):
+        args["fc_norm"] = True
+    arch = _DEIT_ARCHITECTURES.get(source.embed_dim, "stvit_vit_patch16_224")
+    return arch, args
+
+
+def convert_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs: Any) -> nn.Module:
+    """An STViT model with every weight of the timm ViT/DeiT ``source`` (see the module docstring).
+
+    Keyword arguments override the STViT architecture (``num_image_blocks``, ``semantic_token_pool``,
+    ``global_semantic_tokens``, ``global_pool``...). Preprocessing (mean, std, crop) is the source's.
+    """
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+
+    from .models.deit import checkpoint_filter_fn
+
+    if isinstance(source, SwinTransformer):
+        if kwargs.pop("recovery", True) is False:
+            raise InvalidArgumentError("Swin converts to STViT-R only (dumbbell units in stage 3)")
+        return convert_swin_model(source, **kwargs)
+    if kwargs.pop("recovery", False):
+        return convert_vit_recovery_model(source, num_semantic_tokens=num_semantic_tokens, **kwargs)
+    if kwargs.get("semantic_tokens_per_window") is not None:
+        raise InvalidArgumentError("tokens per window apply to Swin sources; use num_semantic_tokens for DeiT/ViT")
+    kwargs.pop("semantic_tokens_per_window", None)
+    arch, args = _vit_model_args(source)
+    if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
+        # a different readout than the source's: keep the class token only where it is read
+        args.pop("class_token")
+    args.update(kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=False, num_semantic_tokens=num_semantic_tokens, **args)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+    state_dict = checkpoint_filter_fn(source.state_dict(), model)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("semantic_token_generator.global_tokens")]:
+        raise CheckpointError(f"conversion left weights unmatched: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _copy_data_config(source, model)
+    model.stvit_model_args = _json_args(args, num_semantic_tokens=num_semantic_tokens)
+    return model
+
+
+def _json_args(args: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    """Constructor arguments as JSON values (tuples -> lists), recorded for ``save_model``'s config.json."""
+    out = dict(args, **extra)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs: Any) -> nn.Module:
+    """STViT-R-DeiT from a timm ViT/DeiT: its blocks regrouped into dumbbell units, every weight kept."""
+    import timm
+
+    from .models.deit import recovery_checkpoint_filter_fn
+
+    kwargs.pop("semantic_tokens_per_window", None)
+    if kwargs.pop("num_image_blocks", None) is not None:
+        raise InvalidArgumentError("--image-blocks does not apply to STViT-R (each dumbbell unit starts with one)")
+    _, args = _vit_model_args(source)
+    arch = _DEIT_R_ARCHITECTURES.get(source.embed_dim, "stvit_r_vit_patch16_224")
+    if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
+        args.pop("class_token")
+    args.pop("pre_norm", None)
+    args.update(kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=False, num_semantic_tokens=num_semantic_tokens, **args)
+        state_dict = recovery_checkpoint_filter_fn(source.state_dict(), model)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"conversion left weights unmatched: {_mismatch_summary(e)}") from None
+    _copy_data_config(source, model)
+    model.stvit_model_args = _json_args(args, num_semantic_tokens=num_semantic_tokens)
+    return model
+
+
+def _swin_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
+    layers = list(source.layers)
+    block = layers[0].blocks[0]
+    depths = tuple(len(layer.blocks) for layer in layers)
+    window = max(max(layer.blocks[0].attn.window_size) for layer in layers)
+    args: Dict[str, Any] = dict(
+        img_size=tuple(source.patch_embed.img_size),
+        in_chans=source.in_chans,
+        num_classes=source.num_classes,
+        embed_dim=source.embed_dim,
+        depths=depths,
+        num_heads=tuple(layer.blocks[0].attn.num_heads for layer in layers),
+        window_size=window,
+        mlp_ratio=block.mlp.fc1.out_features / source.embed_dim,
+        qkv_bias=block.attn.qkv.bias is not None,
+    )
+    arch = _SWIN_ARCHITECTURES.get((source.embed_dim, depths), "stvit_r_swin_tiny_patch4_window7_224")
+    return arch, args
+
+
+def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """STViT-R-Swin from a timm Swin: stage 3 regrouped into dumbbell units, every surviving weight kept.
+
+    The model keeps Swin's patch embedding (``stem='patch'``) unless ``stem='conv'`` is asked for (then the
+    stem is newly initialised). See :func:`stvit_core.models.swin.checkpoint_filter_fn` for the mapping.
+    """
+    import timm
+
+    from .models.swin import checkpoint_filter_fn
+
+    for key in ("num_image_blocks", "num_semantic_tokens"):
+        if kwargs.pop(key, None) is not None and key == "num_image_blocks":
+            raise InvalidArgumentError("--image-blocks does not apply to Swin (each dumbbell unit starts with one)")
+    if kwargs.get("global_pool") not in (None, "avg"):
+        raise InvalidArgumentError("Swin reads out the average of its final map (--readout avg)")
+    arch, args = _swin_model_args(source)
+    args.update(stem="patch", semantic_tokens_per_window=semantic_tokens_per_window or 9)
+    args.update(kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+        state_dict = checkpoint_filter_fn(source.state_dict(), model)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"conversion left weights unmatched: {_mismatch_summary(e)}") from None
+    _copy_data_config(source, model)
+    model.stvit_model_args = _json_args(args)
+    return model
+
+
+def release_model_args(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """The STViT-R-Swin constructor arguments of an official release state dict (read off its shapes)."""
+    import re
+
+    from .models.swin import _timm_layout
+
+    sd = _timm_layout(state_dict)
+    num_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    depths = tuple(
+        1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", k)))
+        for i in range(num_layers)
+    )
+    heads = tuple(int(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1]) for i in range(num_layers))
+    table = sd["layers.0.blocks.0.attn.relative_position_bias_table"].shape[0]
+    window = (int(round(table ** 0.5)) + 1) // 2
+    embed_dim = int(sd["layers.0.blocks.0.norm1.weight"].shape[0])
+    fc1 = sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0]
+    args: Dict[str, Any] = dict(
+        stem="conv", embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
+        mlp_ratio=fc1 / embed_dim, num_classes=int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0,
+        global_semantic_tokens=any(k.endswith("semantic_token2") for k in sd),
+    )
+    return args
+
+
+def convert_release_checkpoint(
+    state_dict: Dict[str, Any], source_name: str, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any
+) -> nn.Module:
+    """An official STViT-R-Swin release state dict -> our model with identical outputs (conv stem)."""
+    import timm
+
+    from .models.swin import checkpoint_filter_fn
+
+    for key in ("model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    try:
+        args = release_model_args(state_dict)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"incomplete STViT-R release checkpoint (missing {e})") from None
+    base = source_name.split(".")[0]
+    alias = next((a for a, full in SOURCE_ALIASES.items() if full.split(".")[0] == base), base)
+    arch = _SWIN_ARCHITECTURES.get((args["embed_dim"], args["depths"]))
+    if arch is None:  # a custom width: the stage depths must still be the requested model's
+        arch = next((a for (dim, depths), a in _SWIN_ARCHITECTURES.items()
+                     if depths == args["depths"] and a.startswith(f"stvit_r_{alias}_")), None)
+    if arch is None or not arch.startswith(f"stvit_r_{alias}_"):
+        raise CheckpointError(
+            f"the checkpoint is an STViT-R-Swin with embed_dim {args['embed_dim']} and depths "
+            f"{args['depths']}, which does not match {alias}"
+        )
+    if args["global_semantic_tokens"] and semantic_tokens_per_window is None:
+        n = next(v for k, v in state_dict.items() if k.endswith("semantic_token2")).shape[1]
+        semantic_tokens_per_window = n // 4  # released for 224 px: 2x2 windows in stage 3
+    args["semantic_tokens_per_window"] = semantic_tokens_per_window or 9
+    args.update(kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+        filtered = checkpoint_filter_fn(state_dict, model)
+    except ValueError as e:
+        raise CheckpointError(f"cannot convert the release checkpoint: {e}") from None
+    try:
+        model.load_state_dict(filtered, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"release checkpoint does not fit {arch}: {_mismatch_summary(e)}") from None
+    # the release evaluates as Swin does: bicubic resize to 256, centre crop 224, ImageNet mean/std
+    model.pretrained_cfg = dict(model.pretrained_cfg, crop_pct=0.875, interpolation="bicubic")
+    model.stvit_model_args = _json_args(args)
+    return model
+
+
+def _copy_data_config(source: nn.Module, model: nn.Module) -> None:
+    src_cfg = dict(getattr(source, "pretrained_cfg", None) or {})
+    cfg = dict(model.pretrained_cfg)
+    for key in ("mean", "std", "crop_pct", "crop_mode", "interpolation", "input_size", "label_names", "label_descriptions"):
+        if src_cfg.get(key) is not None:
+            cfg[key] = src_cfg[key]
+    in_chans = getattr(model, "in_chans", None) or model.patch_embed.proj.in_channels
+    cfg["input_size"] = (in_chans, *model.patch_embed.img_size)
+    cfg["num_classes"] = model.num_classes
+    model.pretrained_cfg = cfg
+
+
+def convert(
+    source: str = "deit_small",
+    *,
+    num_semantic_tokens: int = 16,
+    pretrained: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    source_kwargs: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the source (``deit_small``, ``swin_small``, a timm name...) with its weights and convert it.
+
+    ``source_kwargs`` go to the source model (e.g. ``num_classes``, ``img_size``); ``kwargs`` to the STViT model
+    (``recovery=True`` for STViT-R-DeiT; ``semantic_tokens_per_window`` for Swin).
+    """
+    return convert_pair(
+        source, num_semantic_tokens=num_semantic_tokens, pretrained=pretrained, checkpoint=checkpoint,
+        source_kwargs=source_kwargs, **kwargs,
+    )[1]
+
+
+def convert_pair(
+    source: str,
+    *,
+    num_semantic_tokens: int = 16,
+    pretrained: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    source_kwargs: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> Tuple[nn.Module, nn.Module]:
+    """``(source model, STViT model)`` as :func:`convert` builds them.
+
+    For an official STViT-R release checkpoint the source is the matching timm Swin with random weights on
+    the meta device (it only serves as the FLOPs/params baseline).
+    """
+    import timm
+
+    name = resolve_source_name(source)
+    if checkpoint is not None and name.startswith("swin_"):
+        from .models.swin import is_release_state_dict
+
+        state_dict = load_state_dict_file(checkpoint)
+        if is_release_state_dict(state_dict):
+            model = convert_release_checkpoint(state_dict, name, **kwargs)
+            with torch.device("meta"):
+                base = timm.create_model(name.split(".")[0], pretrained=False, num_classes=model.num_classes)
+            return base, model
+    src = build_source_model(name, pretrained=pretrained, checkpoint=checkpoint, **(source_kwargs or {}))
+    return src, convert_model(src, num_semantic_tokens=num_semantic_tokens, **kwargs)
+
+
+def conversion_metadata(source: nn.Module, model: nn.Module, *, source_name: str) -> Dict[str, Any]:
+    """Facts stored under config.json's ``stvit`` key: source model, tokens, params and GFLOPs of both."""
+    input_size = model.pretrained_cfg.get("input_size")
+    return {
+        "source_model": source_name,
+        "architecture": model.pretrained_cfg.get("architecture"),
+        "num_semantic_tokens": getattr(model, "num_semantic_tokens", None),
+        "semantic_tokens_per_window": getattr(model, "semantic_tokens_per_window", None),
+        "params_m": round(count_params(model) / 1e6, 3),
+        "gflops": round(count_flops(model, input_size), 4),
+        "base_params_m": round(count_params(source) / 1e6, 3),
+        "base_gflops": round(count_flops(source, input_size), 4),
+        "input_size": list(input_size) if input_size else None,
+    }

@@ -1,0 +1,78 @@
+"""`stvit benchmark`: schema, same settings for both models, errors. Speed itself is measured by benchmarks,
+never asserted in tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+
+import stvit_core  # noqa: F401
+from stvit_core.benchmark import BenchmarkSettings, benchmark_pair
+from stvit_core.convert import convert_model
+
+from .conftest import TINY_VIT, assert_one_line_error, run_cli
+
+QUICK = ["--batch-size", "2", "--rounds", "1", "--round-time", "0.01"]
+
+
+def _pair():
+    base = timm.create_model("deit_tiny_patch16_224", **TINY_VIT)
+    return base, convert_model(base, num_semantic_tokens=4)
+
+
+@pytest.mark.parametrize("bench", ["inference", "train"])
+def test_benchmark_pair_schema(bench):
+    base, stvit = _pair()
+    result = benchmark_pair(base, stvit, BenchmarkSettings(batch_size=4, bench=bench, rounds=2, min_round_time=0.01))
+    for key in ("base", "stvit"):
+        assert result[key]["img_per_sec"] > 0
+        assert result[key]["gflops"] > 0 and result[key]["params_m"] > 0
+        assert result[key]["peak_memory_mb"] is None  # CPU: CUDA-only measurement
+    assert result["speedup"] == pytest.approx(result["stvit"]["img_per_sec"] / result["base"]["img_per_sec"], rel=1e-2)
+    assert result["flops_ratio"] > 1
+    assert result["bench"] == bench and result["batch_size"] == 4
+
+
+def test_cli_json_schema_for_a_source_name():
+    proc = run_cli("benchmark", "deit_tiny", "--tokens", "16", *QUICK, "--json", check=True)
+    r = json.loads(proc.stdout)
+    assert {"model", "tokens", "device", "dtype", "batch_size", "base", "stvit", "speedup", "flops_ratio"} <= set(r)
+    assert r["model"] == "deit_tiny_patch16_224.fb_in1k" and r["tokens"] == 16
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["batch_size"] == 2
+    assert set(r["base"]) >= {"params_m", "gflops", "img_per_sec"}
+    assert r["flops_ratio"] == pytest.approx(1.26 / 0.53, rel=0.03)
+
+
+def test_cli_table_and_both_benchmarks(tmp_path):
+    proc = run_cli("benchmark", "deit_tiny", *QUICK, "--bench", "both", check=True)
+    assert "speedup" in proc.stdout and proc.stdout.count("img/s") == 2
+    assert "inference" in proc.stdout and "train" in proc.stdout
+
+
+def test_cli_benchmark_of_a_saved_model(tmp_path):
+    run_cli("convert", "deit_tiny", "--no-pretrained", "--tokens", "36", "--output", tmp_path / "m", check=True)
+    r = json.loads(run_cli("benchmark", tmp_path / "m", *QUICK, "--json", check=True).stdout)
+    assert r["tokens"] == 36 and r["model"].startswith("deit_tiny_patch16_224")
+
+
+def test_cli_bfloat16_autocast_on_cpu():
+    r = json.loads(run_cli("benchmark", "deit_tiny", *QUICK, "--dtype", "bfloat16", "--json", check=True).stdout)
+    assert r["dtype"] == "bfloat16" and r["stvit"]["img_per_sec"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--cuda-graphs"], "needs --device cuda"),
+        (["--batch-size", "0"], "batch size"),
+    ],
+)
+def test_cli_bad_settings(args, fragment):
+    assert_one_line_error(run_cli("benchmark", "deit_tiny", "--rounds", "1", *args), fragment)
+
+
+def test_cli_unknown_model():
+    assert_one_line_error(run_cli("benchmark", "not_a_model"), "unknown model")

@@ -1,0 +1,137 @@
+"""The model directory format: atomic saving, loading through stvit_core and timm, safe foreign loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import stvit_core
+from stvit_core.checkpoint import atomic_directory, load_state_dict_file, read_config
+from stvit_core.errors import CheckpointError, OutputExistsError, StvitError
+
+from .conftest import TINY_VIT
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT, num_semantic_tokens=4).eval()
+
+
+def test_round_trip_through_directory(tmp_path, tiny_model):
+    out = stvit_core.save_model(tiny_model, tmp_path / "m", metadata={"source_model": "deit_tiny_patch16_224"})
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    cfg = read_config(out)
+    assert cfg["architecture"] == "stvit_deit_tiny_patch16_224"
+    assert cfg["model_args"]["num_semantic_tokens"] == 4
+    assert cfg["stvit"]["source_model"] == "deit_tiny_patch16_224"
+
+    loaded = stvit_core.load_model(out).eval()
+    via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for other in (loaded, via_timm):
+        assert type(other) is type(tiny_model)
+        for (k1, v1), (k2, v2) in zip(tiny_model.state_dict().items(), other.state_dict().items()):
+            assert k1 == k2 and torch.equal(v1, v2)
+        torch.testing.assert_close(other(x), tiny_model(x), rtol=0, atol=0)
+
+
+def test_existing_directory_needs_force(tmp_path, tiny_model):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError):
+        stvit_core.save_model(tiny_model, out)
+    assert os.listdir(out) == ["keep.txt"]
+    stvit_core.save_model(tiny_model, out, force=True)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+
+
+def test_failure_inside_atomic_directory_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "half.bin").write_bytes(b"x" * 10)
+            raise RuntimeError("disk full")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_parent_is_a_one_line_error(tmp_path, tiny_model):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StvitError, match="cannot write"):
+        stvit_core.save_model(tiny_model, blocker / "m")
+
+
+@pytest.mark.parametrize("layout", ["plain", "model", "state_dict", "module_prefix"])
+def test_foreign_torch_files_are_unwrapped(tmp_path, tiny_model, layout):
+    sd = tiny_model.state_dict()
+    obj = {
+        "plain": sd,
+        "model": {"model": sd, "epoch": 3},
+        "state_dict": {"state_dict": sd},
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},
+    }[layout]
+    path = tmp_path / "w.pth"
+    torch.save(obj, path)
+    loaded = load_state_dict_file(path)
+    assert loaded.keys() == sd.keys()
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_safetensors_files_load(tmp_path, tiny_model):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
+    assert load_state_dict_file(path).keys() == tiny_model.state_dict().keys()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/stvit_pwned_marker",))
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    marker = "/tmp/stvit_pwned_marker"
+    if os.path.exists(marker):
+        os.unlink(marker)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": _Exploit()}, f)
+    with pytest.raises(CheckpointError):
+        load_state_dict_file(path)
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [(b"\x00garbage" * 100, "cannot read"), (None, "not found")],
+)
+def test_corrupt_or_missing_files(tmp_path, content, match):
+    path = tmp_path / "w.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=match):
+        load_state_dict_file(path)
+
+
+def test_load_model_errors(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        stvit_core.load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        stvit_core.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architecture": "no_such_net"}))
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        stvit_core.load_model(tmp_path)
+    out = stvit_core.save_model(tiny_model, tmp_path / "m")
+    (out / "model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(CheckpointError, match="cannot load"):
+        stvit_core.load_model(out)
+    with pytest.raises(StvitError, match="unknown model"):
+        stvit_core.load_model("definitely_not_a_model")
