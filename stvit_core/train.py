@@ -271,6 +271,17 @@ def create_model_for_training(
     STViT with ``tokens`` semantic tokens (``stvit_core.convert``); an ``stvit_*`` name is built directly.
     ``num_classes`` resets the head when it differs from the checkpoint's.
     """
+    try:
+        return _create_model_for_training(spec, tokens=tokens, pretrained=pretrained, checkpoint=checkpoint,
+                                          num_classes=num_classes, drop_path=drop_path, model_kwargs=model_kwargs)
+    except (AssertionError, TypeError, ValueError) as e:  # timm constructors reject bad --model-arg values so
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidArgumentError(f"cannot build {spec} with {dict(model_kwargs or {})}: {msg}") from None
+
+
+def _create_model_for_training(spec: str, *, tokens: Optional[int], pretrained: bool, checkpoint: Optional[str],
+                               num_classes: Optional[int], drop_path: Optional[float],
+                               model_kwargs: Optional[Mapping[str, Any]]) -> nn.Module:
     from .checkpoint import is_model_dir, load_model
 
     kwargs: Dict[str, Any] = dict(model_kwargs or {})
@@ -821,7 +832,9 @@ def export_model(model: nn.Module, directory: Path, *, class_names: List[str], d
                crop_pct=data_config.get("crop_pct", cfg.get("crop_pct")),
                interpolation=data_config.get("interpolation", cfg.get("interpolation")))
     model.pretrained_cfg = cfg
-    return save_model(model, directory, force=True, metadata={"finetuned": dict(metadata)})
+    # the head may have been reset after the model recorded its constructor arguments
+    return save_model(model, directory, force=True, metadata={"finetuned": dict(metadata)},
+                      model_args={"num_classes": model.num_classes})
 
 
 def _save_yaml(path: Path, values: Mapping[str, Any]) -> None:

@@ -200,3 +200,21 @@ def test_finetune_cli_bad_inputs(tmp_path, small_data, tiny_model_dir):
     assert_one_line_error(r, "resume checkpoint")
     r = cli_in_process([*base, "-d", str(small_data), "-o", str(tmp_path / "other")])
     assert_one_line_error(r, "already exists")
+
+
+def test_finetune_converts_a_timm_name_and_distils_from_its_source(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = cli_in_process(["finetune", "-m", "deit_tiny_patch16_224", "--no-pretrained", "--tokens", "4",
+                        "--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
+                        "--num-classes", "10", "-d", str(small_data), "-o", str(out), "--epochs", "1", "-b", "50",
+                        "--workers", "0", "--distill", "hard", "--json"])
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout[r.stdout.index("{"):])
+    assert result["epoch"] == 1 and result["classes"] == 10
+    config = json.loads((out / "best" / "config.json").read_text())
+    assert config["architecture"].startswith("stvit_")  # converted (width 48: the generic stvit_vit)
+    assert config["model_args"]["num_semantic_tokens"] == 4 and config["num_classes"] == 10
+    assert "distill: hard" in (out / "config.yaml").read_text()
+    bad = cli_in_process(["finetune", "-m", "deit_tiny_patch16_224", "--no-pretrained", "--model-arg", "embed_dim=32",
+                          "-d", str(small_data), "-o", str(tmp_path / "bad")])
+    assert_one_line_error(bad, "embed_dim")
