@@ -2,9 +2,10 @@
 
 from .benchmark import benchmark
 from .convert import convert
+from .demo import demo
 from .env import env
 from .eval import eval_group
 from .finetune import finetune
 from .hub import pull, push_to_hub
 
-COMMANDS = [convert, finetune, eval_group, benchmark, push_to_hub, pull, env]
+COMMANDS = [demo, convert, finetune, eval_group, benchmark, push_to_hub, pull, env]

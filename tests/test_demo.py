@@ -1,0 +1,31 @@
+"""`stvit demo`: the README's main job, end to end on the embedded data, in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import stvit_core
+
+from .conftest import assert_one_line_error, run_cli
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--output", out, "--epochs", "1", "--json", check=True)
+    result = json.loads(proc.stdout)
+    assert result["images"] == 500 and result["tokens"] == 16
+    assert result["top1"] > 15.0, "one epoch on real data must beat chance (10%)"
+    assert result["speedup"] > 0 and result["deit_small_speedup"] > 0
+    assert result["gflops"] < result["base_gflops"]
+    # every stage left its product: the converted model, the fine-tuned best model loads
+    assert (out / "converted" / "model.safetensors").is_file()
+    model = stvit_core.load_model(result["model"])
+    assert model.num_semantic_tokens == 16 and model.num_classes == 10
+
+
+def test_demo_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    assert_one_line_error(run_cli("demo", "--output", tmp_path), "already exists", "--force")
