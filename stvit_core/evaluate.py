@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-import torch
 import torch.nn as nn
 
 from . import data as stdata
 from .checkpoint import atomic_write_bytes, load_model
 from .errors import InvalidArgumentError
+from .flops import count_flops
 from .train import DistInfo, eval_loader, evaluate, setup_distributed
 
 RESULT_FIELDS = ["model", "top1", "top5", "loss", "images", "img_per_sec", "params", "gflops", "input_size",
@@ -29,21 +29,10 @@ RESULT_FIELDS = ["model", "top1", "top5", "loss", "images", "img_per_sec", "para
 
 
 def count_gflops(model: nn.Module, input_size) -> Optional[float]:
-    """GFLOPs (multiply-accumulates) per image, via ``stvit_core.flops`` when present."""
+    """GFLOPs per image in the paper's convention; None where the model cannot be counted (informative only)."""
     try:
-        from .flops import count_flops
-    except ImportError:
-        count_flops = None
-    try:
-        if count_flops is not None:
-            return float(count_flops(model, tuple(input_size)))
-        from torch.utils.flop_counter import FlopCounterMode
-
-        device = next(model.parameters()).device
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, *input_size, device=device))
-        return counter.get_total_flops() / 2 / 1e9  # FlopCounterMode counts 2 FLOPs per MAC
-    except Exception:  # FLOPs are informative only; never fail an evaluation over them
+        return float(count_flops(model, tuple(input_size)))
+    except Exception:  # never fail an evaluation over a FLOPs count
         return None
 
 

@@ -33,7 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -301,10 +301,8 @@ def _create_model_for_training(spec: str, *, tokens: Optional[int], pretrained: 
         if checkpoint:
             _load_weights(model, checkpoint)
         return model
-    try:
-        from .convert import convert
-    except ImportError:
-        raise StvitError("converting on the fly needs stvit_core.convert, which this installation lacks") from None
+    from .convert import convert
+
     # The source keeps its own head (so a checkpoint loads strictly); the converted head is reset after.
     source_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "drop_path_rate")}
     model = convert(spec, num_semantic_tokens=16 if tokens is None else tokens, pretrained=pretrained,
@@ -319,18 +317,13 @@ def _create_model_for_training(spec: str, *, tokens: Optional[int], pretrained: 
 def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[str] = None,
                    model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """The distillation teacher: a model directory, ``hf-hub:`` id or timm name (the unconverted source)."""
-    from .checkpoint import load_model
-
-    from .checkpoint import is_model_dir
+    from .checkpoint import is_model_dir, load_model
+    from .convert import build_source_model
 
     kwargs = dict(model_kwargs or {})
     if not (spec.startswith(("local-dir:", "hf-hub:", "stvit_")) or is_model_dir(spec) or os.sep in spec):
-        try:
-            from .convert import build_source_model
-        except ImportError:
-            build_source_model = None
-        if build_source_model is not None:  # understands aliases such as deit_small
-            return build_source_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        # a source name such as deit_small (aliases understood)
+        return build_source_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     model = load_model(spec, pretrained=pretrained and not checkpoint, **kwargs)
     if checkpoint:
         _load_weights(model, checkpoint)

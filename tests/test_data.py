@@ -1,6 +1,5 @@
 """stvit_core.data on real files: the embedded Fashion-MNIST subset, ImageNet synset folders, bad data."""
 
-from pathlib import Path
 
 import pytest
 import torch

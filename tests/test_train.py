@@ -1,12 +1,10 @@
 """stvit_core.train and ``stvit finetune`` on real data and real processes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
