@@ -1,4 +1,4 @@
-"""One module per command; each exports a click command. Order here is the order in ``--help``."""
+"""One module per command; each exports a click command (``--help`` lists them alphabetically)."""
 
 from .benchmark import benchmark
 from .convert import convert

@@ -53,8 +53,9 @@ def convert(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Convert MODEL (deit_tiny|deit_small|deit_base|swin_tiny|swin_small|swin_base|a timm DeiT/ViT/Swin name).
+    """Convert a pretrained DeiT/ViT/Swin to an STViT model directory.
 
+    MODEL: deit_tiny | deit_small | deit_base | swin_tiny | swin_small | swin_base | a timm DeiT/ViT/Swin name.
     DeiT/ViT become STViT (or STViT-R with --recovery); Swin becomes STViT-R-Swin (stage 3 in dumbbell
     units, --tokens-per-window). Weights come from timm's pretrained checkpoint (Hugging Face Hub download),
     or --checkpoint FILE, or random with --no-pretrained. A --checkpoint from the official STViT-R release
