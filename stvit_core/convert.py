@@ -199,7 +199,6 @@ def convert_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs:
     Keyword arguments override the STViT architecture (``num_image_blocks``, ``semantic_token_pool``,
     ``global_semantic_tokens``, ``global_pool``...). Preprocessing (mean, std, crop) is the source's.
     """
-    import timm
     from timm.models.swin_transformer import SwinTransformer
 
     from .models.deit import checkpoint_filter_fn
@@ -217,17 +216,25 @@ def convert_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs:
     if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
         # a different readout than the source's: keep the class token only where it is read
         args.pop("class_token")
-    args.update(kwargs)
+    args.update(kwargs, num_semantic_tokens=num_semantic_tokens)
+    return _build_converted(source, arch, args, checkpoint_filter_fn)
+
+
+def _build_converted(source: nn.Module, arch: str, args: Dict[str, Any], filter_fn) -> nn.Module:
+    """Build ``arch(**args)``, load ``filter_fn(source's weights)`` strictly, keep the source's preprocessing."""
+    import timm
+
     try:
-        model = timm.create_model(arch, pretrained=False, num_semantic_tokens=num_semantic_tokens, **args)
-    except ValueError as e:
+        model = timm.create_model(arch, pretrained=False, **args)
+        state_dict = filter_fn(source.state_dict(), model)
+    except ValueError as e:  # an argument the architecture cannot take, or a source of another depth
         raise InvalidArgumentError(str(e)) from None
-    state_dict = checkpoint_filter_fn(source.state_dict(), model)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if unexpected or [k for k in missing if not k.startswith("semantic_token_generator.global_tokens")]:
-        raise CheckpointError(f"conversion left weights unmatched: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"conversion left weights unmatched: {_mismatch_summary(e)}") from None
     _copy_data_config(source, model)
-    model.stvit_model_args = _json_args(args, num_semantic_tokens=num_semantic_tokens)
+    model.stvit_model_args = _json_args(args)
     return model
 
 
@@ -239,7 +246,6 @@ def _json_args(args: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
 
 def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs: Any) -> nn.Module:
     """STViT-R-DeiT from a timm ViT/DeiT: its blocks regrouped into dumbbell units, every weight kept."""
-    import timm
 
     from .models.deit import recovery_checkpoint_filter_fn
 
@@ -251,19 +257,8 @@ def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = 
     if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
         args.pop("class_token")
     args.pop("pre_norm", None)
-    args.update(kwargs)
-    try:
-        model = timm.create_model(arch, pretrained=False, num_semantic_tokens=num_semantic_tokens, **args)
-        state_dict = recovery_checkpoint_filter_fn(source.state_dict(), model)
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from None
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"conversion left weights unmatched: {_mismatch_summary(e)}") from None
-    _copy_data_config(source, model)
-    model.stvit_model_args = _json_args(args, num_semantic_tokens=num_semantic_tokens)
-    return model
+    args.update(kwargs, num_semantic_tokens=num_semantic_tokens)
+    return _build_converted(source, arch, args, recovery_checkpoint_filter_fn)
 
 
 def _swin_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
@@ -292,7 +287,6 @@ def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optiona
     The model keeps Swin's patch embedding (``stem='patch'``) unless ``stem='conv'`` is asked for (then the
     stem is newly initialised). See :func:`stvit_core.models.swin.checkpoint_filter_fn` for the mapping.
     """
-    import timm
 
     from .models.swin import checkpoint_filter_fn
 
@@ -304,18 +298,7 @@ def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optiona
     arch, args = _swin_model_args(source)
     args.update(stem="patch", semantic_tokens_per_window=semantic_tokens_per_window or 9)
     args.update(kwargs)
-    try:
-        model = timm.create_model(arch, pretrained=False, **args)
-        state_dict = checkpoint_filter_fn(source.state_dict(), model)
-    except ValueError as e:
-        raise InvalidArgumentError(str(e)) from None
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"conversion left weights unmatched: {_mismatch_summary(e)}") from None
-    _copy_data_config(source, model)
-    model.stvit_model_args = _json_args(args)
-    return model
+    return _build_converted(source, arch, args, checkpoint_filter_fn)
 
 
 def release_model_args(state_dict: Dict[str, Any]) -> Dict[str, Any]:
