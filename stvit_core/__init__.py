@@ -10,5 +10,6 @@ __version__ = "0.1.0"
 from . import models  # noqa: F401,E402  (registers the models with timm)
 from .checkpoint import load_model, save_model  # noqa: E402
 from .errors import StvitError  # noqa: E402
+from .flops import count_flops  # noqa: E402
 
-__all__ = ["__version__", "load_model", "save_model", "StvitError", "models"]
+__all__ = ["__version__", "count_flops", "load_model", "save_model", "StvitError", "models"]
