@@ -187,6 +187,39 @@ class RecoveryBlock(CrossAttentionBlock):
         return super().forward(x, context, context_index)
 
 
+def _check_generator_args(depth: int, pool: str) -> None:
+    if depth < 1:
+        raise ValueError(f"generator depth must be at least 1, got {depth}")
+    if pool not in ("max", "avg"):
+        raise ValueError(f"unknown semantic token pooling {pool!r} (expected 'max' or 'avg')")
+
+
+def _per_layer(rate: Union[float, Sequence[float]], depth: int) -> list:
+    return [rate] * depth if isinstance(rate, (int, float)) else list(rate)
+
+
+def _refine_globally(
+    layers: Sequence[nn.Module],
+    semantic: torch.Tensor,
+    image_tokens: torch.Tensor,
+    global_tokens: Optional[torch.Tensor],
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """The generator's global layers: queries ``S (+ G)``, keys/values ``concat(S, X)``.
+
+    Global tokens are added to the semantic tokens only, never to the ``num_prefix`` prefix tokens before them.
+    """
+    for layer in layers:
+        queries = semantic
+        if global_tokens is not None:
+            if num_prefix:
+                queries = torch.cat([semantic[:, :num_prefix], semantic[:, num_prefix:] + global_tokens], 1)
+            else:
+                queries = semantic + global_tokens
+        semantic = layer(queries, torch.cat([semantic, image_tokens], dim=1))
+    return semantic
+
+
 class SemanticTokenGenerator(nn.Module):
     """The semantic token generation module (STGM): image tokens in, a few semantic tokens out.
 
@@ -226,15 +259,12 @@ class SemanticTokenGenerator(nn.Module):
         num_prefix_tokens: int = 0,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"generator depth must be at least 1, got {depth}")
-        if pool not in ("max", "avg"):
-            raise ValueError(f"unknown semantic token pooling {pool!r} (expected 'max' or 'avg')")
+        _check_generator_args(depth, pool)
         self.num_semantic_tokens = num_semantic_tokens
         self.num_prefix_tokens = num_prefix_tokens
         self.grid = semantic_grid_size(num_semantic_tokens)
         self.pool = pool
-        rates = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
+        rates = _per_layer(drop_path, depth)
         self.layers = nn.ModuleList(
             CrossAttentionBlock(
                 dim,
@@ -271,15 +301,7 @@ class SemanticTokenGenerator(nn.Module):
         else:
             context = image_tokens
         semantic = self.layers[0](semantic, context)
-        for layer in self.layers[1:]:
-            queries = semantic
-            if self.global_tokens is not None:
-                if num_prefix:
-                    queries = torch.cat([semantic[:, :num_prefix], semantic[:, num_prefix:] + self.global_tokens], 1)
-                else:
-                    queries = semantic + self.global_tokens
-            semantic = layer(queries, torch.cat([semantic, image_tokens], dim=1))
-        return semantic
+        return _refine_globally(self.layers[1:], semantic, image_tokens, self.global_tokens, num_prefix)
 
 
 class GroupedSelfAttentionBlock(CrossAttentionBlock):
@@ -397,16 +419,13 @@ class WindowSemanticTokenGenerator(nn.Module):
                 f"{tokens_per_window} semantic tokens per window need windows of at least {side}x{side}, "
                 f"got window size {window_size}"
             )
-        if depth < 1:
-            raise ValueError(f"generator depth must be at least 1, got {depth}")
-        if pool not in ("max", "avg"):
-            raise ValueError(f"unknown semantic token pooling {pool!r} (expected 'max' or 'avg')")
+        _check_generator_args(depth, pool)
         self.window_size = window_size
         self.tokens_per_window = tokens_per_window
         self.side = side
         self.neighbourhood_size = neighbourhood_size or window_size + 3
         self.pool = pool
-        rates = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
+        rates = _per_layer(drop_path, depth)
         common = dict(
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
             init_values=init_values, act_layer=act_layer, norm_layer=norm_layer, mlp_layer=mlp_layer,
@@ -443,17 +462,12 @@ class WindowSemanticTokenGenerator(nn.Module):
         image_tokens = x.reshape(B, H * W, C)
         index = self.context_index((H, W), x.device)
         semantic = self.layers[0](pooled, torch.cat([pooled, image_tokens], dim=1), index)
-        for layer in self.layers[1:]:
-            queries = semantic
-            if self.global_tokens is not None:
-                if self.global_tokens.shape[1] != semantic.shape[1]:
-                    raise ValueError(
-                        f"global semantic tokens were built for {self.global_tokens.shape[1]} semantic tokens, "
-                        f"this {H}x{W} map gives {semantic.shape[1]}; build the model for this image size"
-                    )
-                queries = semantic + self.global_tokens
-            semantic = layer(queries, torch.cat([semantic, image_tokens], dim=1))
-        return semantic
+        if self.global_tokens is not None and self.global_tokens.shape[1] != semantic.shape[1]:
+            raise ValueError(
+                f"global semantic tokens were built for {self.global_tokens.shape[1]} semantic tokens, "
+                f"this {H}x{W} map gives {semantic.shape[1]}; build the model for this image size"
+            )
+        return _refine_globally(self.layers[1:], semantic, image_tokens, self.global_tokens)
 
 
 class DumbbellUnit(nn.Module):
