@@ -18,7 +18,7 @@ Every attention here calls :func:`torch.nn.functional.scaled_dot_product_attenti
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +36,7 @@ __all__ = [
     "pool_image_tokens",
     "pool_windows",
     "semantic_grid_size",
+    "self_to_cross_attention_keys",
     "window_grid",
     "window_neighbourhood_index",
 ]
@@ -122,6 +123,20 @@ class CrossAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, Nq, C)
         return self.proj_drop(self.proj(x))
+
+
+def self_to_cross_attention_keys(prefix: str, name: str, value: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Where a self-attention block's parameter ``name`` goes in the cross-attention block at ``prefix``.
+
+    ``attn.qkv.weight`` / ``attn.qkv.bias`` split row-wise (bit for bit) into ``attn.q`` and the fused
+    ``attn.kv`` of :class:`CrossAttention`; every other parameter keeps its name. Used by every family's
+    checkpoint filter when a pretrained block becomes a generator, semantic or recovery layer.
+    """
+    if name.startswith("attn.qkv."):
+        kind = name[len("attn.qkv."):]
+        dim = value.shape[0] // 3
+        return {f"{prefix}attn.q.{kind}": value[:dim], f"{prefix}attn.kv.{kind}": value[dim:]}
+    return {prefix + name: value}
 
 
 class CrossAttentionBlock(nn.Module):

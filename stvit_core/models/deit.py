@@ -25,7 +25,13 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
-from ..layers import DumbbellUnit, RecoveryBlock, SemanticTokenGenerator, semantic_grid_size
+from ..layers import (
+    DumbbellUnit,
+    RecoveryBlock,
+    SemanticTokenGenerator,
+    self_to_cross_attention_keys,
+    semantic_grid_size,
+)
 
 __all__ = ["RecoveryVisionTransformer", "SemanticVisionTransformer", "checkpoint_filter_fn", "recovery_checkpoint_filter_fn"]
 
@@ -208,7 +214,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVis
     if depths and max(depths) + 1 != model_depth:
         raise ValueError(f"source model has {max(depths) + 1} blocks, STViT model expects {model_depth}")
     nb, gd = model.num_image_blocks, model.generator_depth
-    embed_dim = model.embed_dim
     out: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         m = re.match(r"blocks\.(\d+)\.(.*)", k)
@@ -219,13 +224,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVis
         if i < nb:
             out[f"blocks.{i}.{rest}"] = v
         elif i < nb + gd:
-            prefix = f"semantic_token_generator.layers.{i - nb}."
-            if rest.startswith("attn.qkv."):
-                kind = rest[len("attn.qkv."):]
-                out[prefix + "attn.q." + kind] = v[:embed_dim]
-                out[prefix + "attn.kv." + kind] = v[embed_dim:]
-            else:
-                out[prefix + rest] = v
+            out.update(self_to_cross_attention_keys(f"semantic_token_generator.layers.{i - nb}.", rest, v))
         else:
             out[f"semantic_blocks.{i - nb - gd}.{rest}"] = v
     if model.semantic_token_generator.global_tokens is not None:
@@ -437,7 +436,6 @@ def recovery_checkpoint_filter_fn(
         raise ValueError(
             f"source model has {max(depths) + 1 if depths else 0} blocks, STViT-R model expects {model_depth}"
         )
-    dim = model.embed_dim
     out: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         m = re.match(r"blocks\.(\d+)\.(.*)", k)
@@ -447,10 +445,8 @@ def recovery_checkpoint_filter_fn(
         i, rest = int(m.group(1)), m.group(2)
         part = _R_UNIT_PARTS[i % R_UNIT_DEPTH]
         prefix = f"blocks.{i // R_UNIT_DEPTH}.{part}."
-        if part.startswith(("generator", "recovery")) and rest.startswith("attn.qkv."):
-            kind = rest[len("attn.qkv."):]
-            out[prefix + "attn.q." + kind] = v[:dim]
-            out[prefix + "attn.kv." + kind] = v[dim:]
+        if part.startswith(("generator", "recovery")):
+            out.update(self_to_cross_attention_keys(prefix, rest, v))
         else:
             out[prefix + rest] = v
     for name, p in model.named_parameters():

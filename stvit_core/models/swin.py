@@ -41,6 +41,7 @@ from ..layers import (
     GroupedSelfAttentionBlock,
     RecoveryBlock,
     WindowSemanticTokenGenerator,
+    self_to_cross_attention_keys,
     semantic_grid_size,
     window_grid,
 )
@@ -380,7 +381,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticSwi
     expected = [len(layer.blocks) if i != s else stage_depth for i, layer in enumerate(model.layers)]
     if depths != expected:
         raise ValueError(f"checkpoint stage depths {tuple(depths)} do not match the model's {tuple(expected)}")
-    dim = model.layers[s].units[0].recovery.norm1.normalized_shape[0]
 
     out: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
@@ -401,11 +401,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticSwi
         if part != "image_blocks.0":
             if rest.startswith("attn.relative_position_bias_table"):
                 continue  # STViT layers have no relative position bias
-            if rest.startswith("attn.qkv."):
-                kind = rest[len("attn.qkv."):]
-                out[prefix + "attn.q." + kind] = v[:dim]
-                out[prefix + "attn.kv." + kind] = v[dim:]
-                continue
+            out.update(self_to_cross_attention_keys(prefix, rest, v))
+            continue
         out[prefix + rest] = v
     for k, v in target.items():
         if k not in out:
