@@ -55,7 +55,7 @@ def run(name: str, model: torch.nn.Module, args: argparse.Namespace, *, epochs: 
     cfg = resolve_config(overrides=dict(
         data=str(embedded_dataset_path()), output=str(args.output / name), epochs=epochs, batch_size=args.batch_size,
         lr=lr, warmup_epochs=warmup, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0, smoothing=0.1,
-        scale_min=0.35, workers=args.workers, seed=args.seed, quiet=True,
+        scale_min=args.scale_min, workers=args.workers, seed=args.seed, quiet=True,
         distill="soft" if teacher is not None else None, distill_alpha=0.5, distill_tau=1.0,
     ))
     rows: List[Dict[str, Any]] = []
@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ft-lr", type=float, default=2.5e-4)
     parser.add_argument("--drop-path", type=float, default=0.0)
+    parser.add_argument("--scale-min", type=float, default=0.35, help="RandomResizedCrop's smallest area")
+    parser.add_argument("--scratch-only", action="store_true", help="skip (c), the converted fine-tunes")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

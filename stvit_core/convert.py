@@ -83,6 +83,9 @@ def build_source_model(
     name = resolve_source_name(name)
     if checkpoint is not None:
         state_dict = load_state_dict_file(checkpoint)
+        head = state_dict.get("head.weight", state_dict.get("head.fc.weight"))
+        if head is not None and head.ndim == 2:
+            kwargs.setdefault("num_classes", head.shape[0])  # a fine-tuned source keeps its own head size
         model = timm.create_model(name, pretrained=False, **kwargs)
         try:
             state_dict = _source_filter(model)(state_dict, model)

@@ -255,6 +255,13 @@ def architecture_of(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+def _is_path_like(spec: str) -> bool:
+    """A model directory or hub id rather than a model name."""
+    from .checkpoint import is_model_dir
+
+    return spec.startswith(("local-dir:", "hf-hub:")) or is_model_dir(spec) or "/" in spec or os.sep in spec
+
+
 def create_model_for_training(
     spec: str,
     *,
@@ -282,15 +289,14 @@ def create_model_for_training(
 def _create_model_for_training(spec: str, *, tokens: Optional[int], pretrained: bool, checkpoint: Optional[str],
                                num_classes: Optional[int], drop_path: Optional[float],
                                model_kwargs: Optional[Mapping[str, Any]]) -> nn.Module:
-    from .checkpoint import is_model_dir, load_model
+    from .checkpoint import load_model
 
     kwargs: Dict[str, Any] = dict(model_kwargs or {})
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    path_like = spec.startswith(("local-dir:", "hf-hub:")) or is_model_dir(spec) or os.sep in spec
-    if path_like:
+    if _is_path_like(spec):
         if checkpoint:
             raise InvalidArgumentError("--checkpoint applies to model names only; a model directory has weights")
         return load_model(spec, pretrained=pretrained, **kwargs)
@@ -303,8 +309,9 @@ def _create_model_for_training(spec: str, *, tokens: Optional[int], pretrained: 
         return model
     from .convert import convert
 
-    # The source keeps its own head (so a checkpoint loads strictly); the converted head is reset after.
-    source_kwargs = {k: v for k, v in kwargs.items() if k not in ("num_classes", "drop_path_rate")}
+    # The source keeps its own head (its checkpoint's, or --model-arg num_classes) so its weights load
+    # strictly; --num-classes resets the converted model's head after.
+    source_kwargs = {k: v for k, v in (model_kwargs or {}).items() if k != "drop_path_rate"}
     model = convert(spec, num_semantic_tokens=16 if tokens is None else tokens, pretrained=pretrained,
                     checkpoint=checkpoint, source_kwargs=source_kwargs,
                     **({"drop_path_rate": drop_path} if drop_path is not None else {}))
@@ -317,17 +324,43 @@ def _create_model_for_training(spec: str, *, tokens: Optional[int], pretrained: 
 def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[str] = None,
                    model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """The distillation teacher: a model directory, ``hf-hub:`` id or timm name (the unconverted source)."""
-    from .checkpoint import is_model_dir, load_model
+    from .checkpoint import load_model
     from .convert import build_source_model
 
     kwargs = dict(model_kwargs or {})
-    if not (spec.startswith(("local-dir:", "hf-hub:", "stvit_")) or is_model_dir(spec) or os.sep in spec):
+    if not (spec.startswith("stvit_") or _is_path_like(spec)):
         # a source name such as deit_small (aliases understood)
         return build_source_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     model = load_model(spec, pretrained=pretrained and not checkpoint, **kwargs)
     if checkpoint:
         _load_weights(model, checkpoint)
     return model
+
+
+def teacher_for(student: nn.Module, student_spec: str, teacher_spec: Optional[str] = None, *,
+                pretrained: bool = True, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
+                model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The teacher for distilling into ``student`` (built from ``student_spec``).
+
+    ``teacher_spec`` defaults to the unconverted source when the student is a name converted on the fly
+    (``deit_small`` -> DeiT-S with the same weights, checkpoint and constructor arguments); a model
+    directory, ``hf-hub:`` id or ``stvit_*`` name has no source to fall back to, so it needs one.
+    The teacher must predict the student's classes.
+    """
+    if teacher_spec is None:
+        if student_spec.startswith("stvit_") or _is_path_like(student_spec):
+            raise InvalidArgumentError("--distill needs --teacher (the unconverted source model)")
+        teacher_spec = student_spec
+    else:
+        checkpoint = None  # --checkpoint belongs to the student's name, not to an explicit teacher
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k != "num_semantic_tokens"}
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    teacher = create_teacher(teacher_spec, pretrained=pretrained, checkpoint=checkpoint, model_kwargs=kwargs)
+    if getattr(teacher, "num_classes", None) != getattr(student, "num_classes", None):
+        raise InvalidArgumentError(f"teacher has {teacher.num_classes} classes, student {student.num_classes}: "
+                                   "the teacher must be trained on the same classes")
+    return teacher
 
 
 def _load_weights(model: nn.Module, checkpoint: str) -> None:

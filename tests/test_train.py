@@ -12,7 +12,7 @@ import torch
 from stvit_core import load_model
 from stvit_core.train import DistillationLoss, resolve_config, train
 from stvit_core.errors import InvalidArgumentError
-from tests.train_utils import ROOT, assert_one_line_error, cli, cli_in_process, env, make_subset, tiny_deit, tiny_stvit
+from tests.train_utils import ROOT, TINY as TINY_ARGS, assert_one_line_error, cli, cli_in_process, env, make_subset, tiny_deit, tiny_stvit
 
 MODEL_ARGS = ["--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
               "--model-arg", "depth=6", "--model-arg", "num_heads=2", "--model-arg", "num_image_blocks=2",
@@ -216,3 +216,27 @@ def test_finetune_converts_a_timm_name_and_distils_from_its_source(small_data, t
     bad = cli_in_process(["finetune", "-m", "deit_tiny_patch16_224", "--no-pretrained", "--model-arg", "embed_dim=32",
                           "-d", str(small_data), "-o", str(tmp_path / "bad")])
     assert_one_line_error(bad, "embed_dim")
+
+
+def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model_dir):
+    from stvit_core.train import create_model_for_training, teacher_for
+
+    torch.manual_seed(0)
+    source = tiny_deit()
+    torch.save(source.state_dict(), tmp_path / "deit.pth")
+    shape = {k: v for k, v in TINY_ARGS.items() if k != "num_classes"}  # the head size comes from the file
+    student = create_model_for_training("deit_tiny_patch16_224", tokens=4, checkpoint=str(tmp_path / "deit.pth"),
+                                        model_kwargs=shape)
+    assert student.num_classes == 10
+    teacher = teacher_for(student, "deit_tiny_patch16_224", checkpoint=str(tmp_path / "deit.pth"),
+                          model_kwargs={**shape, "num_semantic_tokens": 4})
+    assert type(teacher).__name__ == "VisionTransformer"
+    expected = source.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in teacher.state_dict().items())
+
+    student = load_model(tiny_model_dir)
+    with pytest.raises(InvalidArgumentError, match="needs --teacher"):
+        teacher_for(student, str(tiny_model_dir))
+    with pytest.raises(InvalidArgumentError, match="same classes"):
+        teacher_for(student, str(tiny_model_dir), "deit_tiny_patch16_224", pretrained=False,
+                    model_kwargs={**TINY_ARGS, "num_classes": 7})

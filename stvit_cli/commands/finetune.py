@@ -117,24 +117,8 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
         num_classes=num_classes, drop_path=cfg.drop_path, model_kwargs=kwargs)
     teacher_model = None
     if cfg.distill:
-        teacher_spec = teacher
-        teacher_ckpt = None
-        if teacher_spec is None:
-            if model_spec.startswith("stvit_") or "/" in model_spec or ":" in model_spec:
-                from stvit_core.errors import InvalidArgumentError
-
-                raise InvalidArgumentError("--distill needs --teacher (the unconverted source model)")
-            teacher_spec, teacher_ckpt = model_spec, checkpoint
-        teacher_kwargs = {k: v for k, v in kwargs.items() if k != "num_semantic_tokens"}
-        if num_classes is not None:
-            teacher_kwargs["num_classes"] = num_classes
-        teacher_model = st.create_teacher(teacher_spec, pretrained=not no_pretrained, checkpoint=teacher_ckpt,
-                                          model_kwargs=teacher_kwargs)
-        if getattr(teacher_model, "num_classes", None) != getattr(student, "num_classes", None):
-            from stvit_core.errors import InvalidArgumentError
-
-            raise InvalidArgumentError(f"teacher has {teacher_model.num_classes} classes, student "
-                                       f"{student.num_classes}: the teacher must be trained on the same classes")
+        teacher_model = st.teacher_for(student, model_spec, teacher, pretrained=not no_pretrained,
+                                       checkpoint=checkpoint, num_classes=num_classes, model_kwargs=kwargs)
 
     verbose = not cfg.quiet and not as_json
 
