@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from stvit_core import __version__
-from stvit_core.errors import StvitError
+# Nothing here imports stvit_core at start-up: it imports timm and torch (seconds), which `stvit --help`,
+# `stvit --version` and a usage error do not need. Commands import it when they run.
 
 
 class StvitGroup(click.Group):
@@ -16,19 +16,34 @@ class StvitGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except StvitError as e:
-            click.echo(f"Error: {e}", err=True)
-            ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             ctx.exit(130)
+        except Exception as e:
+            errors = sys.modules.get("stvit_core.errors")  # loaded by whatever raised a library error
+            if errors is None or not isinstance(e, errors.StvitError):
+                raise
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stvit")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from stvit_core import __version__
+
+        return __version__
 
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(cls=StvitGroup, context_settings=CONTEXT_SETTINGS)
-@click.version_option(__version__, "-V", "--version", prog_name="stvit")
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, help="Show the version and exit.",
+              callback=lambda ctx, _param, value: value and (click.echo(f"stvit {_version()}"), ctx.exit()))
 def cli() -> None:
     """Semantic-token vision transformers: convert, fine-tune, evaluate, benchmark and share.
 

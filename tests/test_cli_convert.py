@@ -149,3 +149,18 @@ def test_version_env_and_help():
     for command in commands:
         sub = run_cli(command, "--help", check=True).stdout
         assert "Examples:" in sub or "Commands:" in sub, command
+
+
+def test_help_version_and_usage_errors_do_not_import_torch():
+    # `stvit --help` used to take seconds: importing stvit_core imports timm and torch.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom stvit_cli.main import cli\n"
+            "for args in (['--help'], ['--version'], ['finetune', '--help'], ['convert']):\n"
+            "    try:\n        cli(args, prog_name='stvit')\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'timm', 'stvit_core') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+    assert "stvit " + stvit_core.__version__ in proc.stdout
