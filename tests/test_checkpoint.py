@@ -135,3 +135,19 @@ def test_load_model_errors(tmp_path, tiny_model):
         stvit_core.load_model(out)
     with pytest.raises(StvitError, match="unknown model"):
         stvit_core.load_model("definitely_not_a_model")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_permissions_of_the_umask(tmp_path, tiny_model, umask):
+    # Temporary names are private (0600/0700); what is renamed into place must be readable like any file.
+    from stvit_core.checkpoint import atomic_write_bytes
+
+    old = os.umask(umask)
+    try:
+        out = stvit_core.save_model(tiny_model, tmp_path / "m")
+        atomic_write_bytes(tmp_path / "metrics.csv", b"epoch\n1\n")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
+    for f in (out / "config.json", out / "model.safetensors", tmp_path / "metrics.csv"):
+        assert (f.stat().st_mode & 0o777) == 0o666 & ~umask, f
