@@ -1,6 +1,6 @@
 """Does converting pay? DeiT vs STViT-DeiT on the embedded Fashion-MNIST subset, from scratch and converted.
 
-    PYTHONPATH=. python benchmarks/fashion_mnist_recipe.py --output bench-fm [--epochs 15] [--width 48]
+    PYTHONPATH=. python benchmarks/fashion_mnist_recipe.py --output bench-fm [--epochs 15] [--width 48] [--jobs 2]
 
 Runs, all on the embedded subset (2000 train / 500 val images, 10 classes, upsampled 28 -> 32 px, patch 4,
 so 64 image tokens), with the same recipe and budget for (a) and (b):
@@ -13,7 +13,9 @@ is within 1.5 points of (a)'s final top-1. Writes results.json, curves.csv and c
 
 The default width is 48 (DeiT-Tiny has 192) with 2 heads and 15 epochs, so the whole run fits about 25
 minutes on 2 shared CPU cores; depth (12) and the STViT layout are DeiT-Tiny's. Pass --width 192 --heads 3
-for the real width (about 15x the compute).
+for the real width (about 15x the compute). --jobs 2 trains (a) beside (b), then the two fine-tunes side
+by side, one thread each (300 epochs: about an hour on 2 cores). --scale-min sets RandomResizedCrop's
+smallest area (0.35 by default; docs/benchmarks-training.md's long runs use 0.8).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import multiprocessing
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -77,6 +81,28 @@ def accuracy(model: torch.nn.Module, args: argparse.Namespace) -> float:
     return evaluate(model, eval_loader(val, 100, 0, dist), dist)["top1"]
 
 
+def scratch_job(arch: str, args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], Dict[str, torch.Tensor]]:
+    """(a) or (b): train ``arch`` from scratch; returns its curve and final weights."""
+    torch.set_num_threads(max(1, args.threads // args.jobs))
+    model = build(arch, args)
+    rows = run(arch.split("_")[0] + "_scratch", model, args, epochs=args.epochs, lr=args.lr, warmup=2)
+    return rows, model.state_dict()
+
+
+def converted_job(deit_state: Dict[str, torch.Tensor], args: argparse.Namespace, ft_epochs: int,
+                  distill: bool) -> Tuple[float, List[Dict[str, Any]]]:
+    """(c): convert the trained DeiT and fine-tune it; returns the accuracy right after conversion and the curve."""
+    torch.set_num_threads(max(1, args.threads // args.jobs))
+    deit = build("deit_tiny_patch16_224", args)
+    deit.load_state_dict(deit_state)
+    deit.eval()
+    converted = convert_model(deit, num_semantic_tokens=args.tokens)
+    after_conversion = accuracy(converted, args)
+    name = "stvit_converted_ft_distill" if distill else "stvit_converted_ft"
+    rows = run(name, converted, args, epochs=ft_epochs, lr=args.ft_lr, warmup=0.5, teacher=deit if distill else None)
+    return after_conversion, rows
+
+
 def first_within(rows: List[Dict[str, Any]], target: float) -> Optional[int]:
     return next((r["epoch"] for r in rows if r["top1"] >= target), None)
 
@@ -96,9 +122,10 @@ def main() -> None:
     parser.add_argument("--ft-lr", type=float, default=2.5e-4)
     parser.add_argument("--drop-path", type=float, default=0.0)
     parser.add_argument("--scale-min", type=float, default=0.35, help="RandomResizedCrop's smallest area")
-    parser.add_argument("--scratch-only", action="store_true", help="skip (c), the converted fine-tunes")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in all")
+    parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                        help="processes: 2 runs (a) beside (b) and the two fine-tunes side by side")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     ft_epochs = args.ft_epochs or max(1, args.epochs // 5)
@@ -106,20 +133,20 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    deit = build("deit_tiny_patch16_224", args)
-    curves = {"deit_scratch": run("deit_scratch", deit, args, epochs=args.epochs, lr=args.lr, warmup=2)}
-    curves["stvit_scratch"] = run("stvit_scratch", build("stvit_deit_tiny_patch16_224", args), args,
-                                  epochs=args.epochs, lr=args.lr, warmup=2)
-
-    deit = deit.eval()
-    converted = convert_model(deit, num_semantic_tokens=args.tokens)
-    after_conversion = accuracy(converted, args)
+    # (a) and (b) are independent, and so are the two fine-tunes of (c): with --jobs 2 each pair runs in two
+    # processes (threads split between them), which is what makes a long run fit the 2-core machine.
+    # fork, not spawn: a spawned process would also spawn its data loader workers, re-importing torch every epoch.
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        deit_job = pool.submit(scratch_job, "deit_tiny_patch16_224", args)
+        stvit_job = pool.submit(scratch_job, "stvit_deit_tiny_patch16_224", args)
+        curves = {"deit_scratch": deit_job.result()[0], "stvit_scratch": stvit_job.result()[0]}
+        deit_state = deit_job.result()[1]
+        plain = pool.submit(converted_job, deit_state, args, ft_epochs, False)
+        distilled = pool.submit(converted_job, deit_state, args, ft_epochs, True)
+        after_conversion, curves["stvit_converted_ft"] = plain.result()
+        _, curves["stvit_converted_ft_distill"] = distilled.result()
     print(f"[converted] top1 right after conversion: {after_conversion:.1f}", flush=True)
-    curves["stvit_converted_ft"] = run("stvit_converted_ft", converted, args, epochs=ft_epochs, lr=args.ft_lr,
-                                       warmup=0.5)
-    converted = convert_model(deit, num_semantic_tokens=args.tokens)
-    curves["stvit_converted_ft_distill"] = run("stvit_converted_ft_distill", converted, args, epochs=ft_epochs,
-                                               lr=args.ft_lr, warmup=0.5, teacher=deit)
 
     deit_final = curves["deit_scratch"][-1]["top1"]
     target = deit_final - 1.5
