@@ -338,14 +338,15 @@ def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[s
 
 
 def teacher_for(student: nn.Module, student_spec: str, teacher_spec: Optional[str] = None, *,
-                pretrained: bool = True, checkpoint: Optional[str] = None, num_classes: Optional[int] = None,
+                pretrained: bool = True, checkpoint: Optional[str] = None,
                 model_kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """The teacher for distilling into ``student`` (built from ``student_spec``).
 
     ``teacher_spec`` defaults to the unconverted source when the student is a name converted on the fly
     (``deit_small`` -> DeiT-S with the same weights, checkpoint and constructor arguments); a model
     directory, ``hf-hub:`` id or ``stvit_*`` name has no source to fall back to, so it needs one.
-    The teacher must predict the student's classes.
+    The teacher keeps its own head, which must predict the student's classes: a head reset to the
+    student's classes would be random, and distilling from it would only add noise.
     """
     if teacher_spec is None:
         if student_spec.startswith("stvit_") or _is_path_like(student_spec):
@@ -354,12 +355,10 @@ def teacher_for(student: nn.Module, student_spec: str, teacher_spec: Optional[st
     else:
         checkpoint = None  # --checkpoint belongs to the student's name, not to an explicit teacher
     kwargs = {k: v for k, v in (model_kwargs or {}).items() if k != "num_semantic_tokens"}
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
     teacher = create_teacher(teacher_spec, pretrained=pretrained, checkpoint=checkpoint, model_kwargs=kwargs)
     if getattr(teacher, "num_classes", None) != getattr(student, "num_classes", None):
-        raise InvalidArgumentError(f"teacher has {teacher.num_classes} classes, student {student.num_classes}: "
-                                   "the teacher must be trained on the same classes")
+        raise InvalidArgumentError(f"the teacher ({teacher_spec}) predicts {teacher.num_classes} classes, the student "
+                                   f"{student.num_classes}: pass --teacher with a model trained on these classes")
     return teacher
 
 

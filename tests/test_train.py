@@ -204,8 +204,8 @@ def test_finetune_converts_a_timm_name_and_distils_from_its_source(small_data, t
     out = tmp_path / "run"
     r = cli_in_process(["finetune", "-m", "deit_tiny_patch16_224", "--no-pretrained", "--tokens", "4",
                         "--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
-                        "--num-classes", "10", "-d", str(small_data), "-o", str(out), "--epochs", "1", "-b", "50",
-                        "--workers", "0", "--distill", "hard", "--json"])
+                        "--model-arg", "num_classes=10", "-d", str(small_data), "-o", str(out), "--epochs", "1",
+                        "-b", "50", "--workers", "0", "--distill", "hard", "--json"])
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout[r.stdout.index("{"):])
     assert result["epoch"] == 1 and result["classes"] == 10
@@ -234,9 +234,15 @@ def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model
     expected = source.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in teacher.state_dict().items())
 
+    # --num-classes resets the student's head; the source's head does not know those classes
+    reset = create_model_for_training("deit_tiny_patch16_224", tokens=4, pretrained=False, model_kwargs=shape,
+                                      num_classes=10)
+    with pytest.raises(InvalidArgumentError, match="predicts 1000 classes, the student 10"):
+        teacher_for(reset, "deit_tiny_patch16_224", pretrained=False, model_kwargs=shape)
+
     student = load_model(tiny_model_dir)
     with pytest.raises(InvalidArgumentError, match="needs --teacher"):
         teacher_for(student, str(tiny_model_dir))
-    with pytest.raises(InvalidArgumentError, match="same classes"):
+    with pytest.raises(InvalidArgumentError, match="predicts 7 classes, the student 10"):
         teacher_for(student, str(tiny_model_dir), "deit_tiny_patch16_224", pretrained=False,
                     model_kwargs={**TINY_ARGS, "num_classes": 7})

@@ -118,7 +118,7 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     teacher_model = None
     if cfg.distill:
         teacher_model = st.teacher_for(student, model_spec, teacher, pretrained=not no_pretrained,
-                                       checkpoint=checkpoint, num_classes=num_classes, model_kwargs=kwargs)
+                                       checkpoint=checkpoint, model_kwargs=kwargs)
 
     verbose = not cfg.quiet and not as_json
 
