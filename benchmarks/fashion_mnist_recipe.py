@@ -90,14 +90,15 @@ def scratch_job(arch: str, args: argparse.Namespace) -> Tuple[List[Dict[str, Any
 
 
 def converted_job(deit_state: Dict[str, torch.Tensor], args: argparse.Namespace, ft_epochs: int,
-                  distill: bool) -> Tuple[float, List[Dict[str, Any]]]:
-    """(c): convert the trained DeiT and fine-tune it; returns the accuracy right after conversion and the curve."""
+                  distill: bool) -> Tuple[Optional[float], List[Dict[str, Any]]]:
+    """(c): convert the trained DeiT and fine-tune it; returns the curve, and (without distillation; the
+    conversion is the same) the accuracy right after conversion."""
     torch.set_num_threads(max(1, args.threads // args.jobs))
     deit = build("deit_tiny_patch16_224", args)
     deit.load_state_dict(deit_state)
     deit.eval()
     converted = convert_model(deit, num_semantic_tokens=args.tokens)
-    after_conversion = accuracy(converted, args)
+    after_conversion = None if distill else accuracy(converted, args)
     name = "stvit_converted_ft_distill" if distill else "stvit_converted_ft"
     rows = run(name, converted, args, epochs=ft_epochs, lr=args.ft_lr, warmup=0.5, teacher=deit if distill else None)
     return after_conversion, rows

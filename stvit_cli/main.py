@@ -38,12 +38,18 @@ def _version() -> str:
         return __version__
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        click.echo(f"stvit {_version()}")
+        ctx.exit()
+
+
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.group(cls=StvitGroup, context_settings=CONTEXT_SETTINGS)
-@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, help="Show the version and exit.",
-              callback=lambda ctx, _param, value: value and (click.echo(f"stvit {_version()}"), ctx.exit()))
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
 def cli() -> None:
     """Semantic-token vision transformers: convert, fine-tune, evaluate, benchmark and share.
 

@@ -53,13 +53,13 @@ def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[P
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
-        _chmod_as_created(tmp, 0o777)
     except OSError as e:
         raise StvitError(f"cannot write to {parent}: {e.strerror or e}") from None
     try:
         yield tmp
-        for path in tmp.rglob("*"):  # safetensors, like mkstemp, writes 0600
-            _chmod_as_created(path, 0o777 if path.is_dir() else 0o666)
+        umask = _umask()
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp makes 0700; safetensors, like mkstemp, writes 0600
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         old = None
         if output_dir.exists():
             old = parent / f".{output_dir.name}.old-{os.getpid()}"
@@ -75,12 +75,12 @@ def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[P
         raise
 
 
-def _chmod_as_created(path: PathLike, mode: int) -> None:
-    # mkstemp/mkdtemp create 0600/0700 (private temporary names); what is renamed into place should have the
-    # permissions a plain open()/mkdir() gives, so that a team can read a shared output directory.
+def _umask() -> int:
+    # Temporary names are created private (mkstemp 0600, mkdtemp 0700); what is renamed into place gets the
+    # permissions a plain open()/mkdir() would give, so that a team can read a shared output directory.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, mode & ~umask)
+    return umask
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -88,7 +88,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        _chmod_as_created(tmp, 0o666)
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -241,15 +241,13 @@ def _build_converted(source: nn.Module, arch: str, args: Dict[str, Any], filter_
     return model
 
 
-def _json_args(args: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+def _json_args(args: Dict[str, Any]) -> Dict[str, Any]:
     """Constructor arguments as JSON values (tuples -> lists), recorded for ``save_model``'s config.json."""
-    out = dict(args, **extra)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
 
 
 def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs: Any) -> nn.Module:
     """STViT-R-DeiT from a timm ViT/DeiT: its blocks regrouped into dumbbell units, every weight kept."""
-
     from .models.deit import recovery_checkpoint_filter_fn
 
     kwargs.pop("semantic_tokens_per_window", None)
@@ -290,7 +288,6 @@ def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optiona
     The model keeps Swin's patch embedding (``stem='patch'``) unless ``stem='conv'`` is asked for (then the
     stem is newly initialised). See :func:`stvit_core.models.swin.checkpoint_filter_fn` for the mapping.
     """
-
     from .models.swin import checkpoint_filter_fn
 
     for key in ("num_image_blocks", "num_semantic_tokens"):
