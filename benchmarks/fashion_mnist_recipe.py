@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 import timm  # noqa: E402
 
 import stvit_core  # noqa: E402,F401
+from stvit_core import data as stdata  # noqa: E402
 from stvit_core.convert import convert_model  # noqa: E402
 from stvit_core.data import embedded_dataset_path  # noqa: E402
 from stvit_core.train import DistInfo, eval_loader, evaluate, resolve_config, train  # noqa: E402
-from stvit_core import data as stdata  # noqa: E402
 
 
 def build(arch: str, args: argparse.Namespace) -> torch.nn.Module:

@@ -14,7 +14,6 @@ import urllib.request
 import pytest
 import yaml
 
-from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, REPO_ROOT, make_tiny_model
 from stvit_core.errors import CheckpointError
 from stvit_core.hub import (
     HubError,
@@ -26,6 +25,8 @@ from stvit_core.hub import (
     render_model_card,
     scrub,
 )
+
+from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, REPO_ROOT, make_tiny_model
 
 
 def front_matter(card: str) -> dict:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from stvit_core import load_model
-from stvit_core.train import DistillationLoss, resolve_config, train
 from stvit_core.errors import InvalidArgumentError
-from tests.train_utils import ROOT, TINY as TINY_ARGS, assert_one_line_error, cli, cli_in_process, env, make_subset, tiny_deit, tiny_stvit
+from stvit_core.train import DistillationLoss, resolve_config, train
+from tests.train_utils import ROOT, assert_one_line_error, cli, cli_in_process, env, make_subset, tiny_deit, tiny_stvit
+from tests.train_utils import TINY as TINY_ARGS
 
 MODEL_ARGS = ["--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
               "--model-arg", "depth=6", "--model-arg", "num_heads=2", "--model-arg", "num_image_blocks=2",
