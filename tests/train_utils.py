@@ -44,6 +44,36 @@ def tiny_deit(**kw) -> torch.nn.Module:
     return timm.create_model("deit_tiny_patch16_224", **args)
 
 
+def converted_model_dir(path: Path, tokens: int = 4) -> Path:
+    """A tiny DeiT converted to STViT and saved the way ``stvit convert`` saves it (``stvit`` metadata included)."""
+    from stvit_core import save_model
+    from stvit_core.convert import conversion_metadata, convert_model
+
+    torch.manual_seed(0)
+    source = tiny_deit()
+    model = convert_model(source, num_semantic_tokens=tokens, num_image_blocks=2)
+    save_model(model, path, metadata=conversion_metadata(source, model, source_name="deit_tiny_patch16_224"))
+    return path
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot create anything in (root ignores file modes, so root gets sysfs)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    probe = Path("/sys/stvit-write-probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        return Path("/sys")
+    probe.rmdir()
+    pytest.skip("no folder on this machine refuses writes to root")
+
+
 def env() -> Dict[str, str]:
     e = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return e
@@ -82,3 +112,4 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
