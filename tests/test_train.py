@@ -375,3 +375,13 @@ def test_double_ctrl_c_in_epoch_one_then_the_same_command_just_works(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "best" / "results.json").is_file()
 
+
+@pytest.mark.slow
+def test_training_and_evaluation_docs_run(tmp_path, monkeypatch):
+    from tests.train_utils import run_doc_blocks
+
+    monkeypatch.chdir(tmp_path)
+    for page in ("training.md", "evaluation.md"):  # evaluation.md evaluates the model training.md trains
+        run_doc_blocks(ROOT / "docs" / page)
+    assert (tmp_path / "runs" / "fm-more" / "best" / "results.json").is_file()
+    assert (tmp_path / "results.csv").is_file()

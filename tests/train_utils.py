@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -113,3 +113,37 @@ def assert_one_line_error(result, *fragments: str) -> None:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
+
+def doc_blocks(path: Path) -> List[Tuple[str, str]]:
+    """The fenced code blocks of a Markdown file, as (language, text), in order."""
+    import re
+
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.M | re.S)]
+
+
+def run_doc_blocks(path: Path) -> None:
+    """Run every code block of ``path`` in the current directory: ``bash`` blocks of ``stvit`` commands,
+    ``console`` transcripts (output compared with every number masked) and ``python`` blocks."""
+    import re
+    import shlex
+
+    def masked(text: str) -> List[str]:
+        return [re.sub(r"\d+(\.\d+)?", "N", line.rstrip()) for line in text.strip().splitlines()]
+
+    for language, text in doc_blocks(path):
+        if language == "python":
+            exec(compile(text, f"{path.name} (python block)", "exec"), {"__name__": "__doc__"})
+        elif language == "bash":
+            for command in text.replace("\\\n", " ").strip().splitlines():
+                words = shlex.split(command, comments=True)
+                assert words[:1] == ["stvit"], f"{path.name}: cannot run {command!r} in a test"
+                result = cli_in_process(words[1:])
+                assert result.returncode == 0, f"{command}\n{result.stderr}"
+        elif language == "console":
+            for chunk in text.split("$ ")[1:]:
+                command, _, expected = chunk.partition("\n")
+                result = cli_in_process(shlex.split(command)[1:])
+                assert result.returncode == 0, f"{command}\n{result.stderr}"
+                assert masked(result.stdout) == masked(expected), f"{command}\n{result.stdout}"
+        else:
+            raise AssertionError(f"{path.name}: a {language or 'plain'} code block that no test runs")
