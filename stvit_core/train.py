@@ -153,7 +153,6 @@ def resolve_config(recipe: Optional[str] = None, yaml_file: Optional[str] = None
     return cfg
 
 
-
 # ------------------------------------------------------------------------------------------------ data
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+from timm.utils import AverageMeter
 
 from .distributed import DistInfo, all_gather_objects, barrier
 from .errors import CheckpointError
@@ -27,12 +28,6 @@ __all__ = ["CHECKPOINT_VERSION", "StopSignal", "TrainState", "load_training_chec
 
 CHECKPOINT_FORMAT = "stvit-train"
 CHECKPOINT_VERSION = 1
-
-
-def _new_meter() -> Any:
-    from timm.utils import AverageMeter
-
-    return AverageMeter()
 
 
 @dataclass
@@ -47,7 +42,7 @@ class TrainState:
     epoch: int = 0  # the epoch in progress, counted from 0
     batches_done: int = 0  # batches of that epoch already trained
     num_updates: int = 0  # optimizer steps so far
-    train_loss: Any = field(default_factory=_new_meter)  # timm AverageMeter over this epoch's batches
+    train_loss: AverageMeter = field(default_factory=AverageMeter)  # over this epoch's batches
     train_seconds: float = 0.0
     best_top1: float = -1.0
     best_epoch: int = -1
