@@ -42,7 +42,9 @@ import stvit_core  # noqa: E402,F401
 from stvit_core import data as stdata  # noqa: E402
 from stvit_core.convert import convert_model  # noqa: E402
 from stvit_core.data import embedded_dataset_path  # noqa: E402
-from stvit_core.train import DistInfo, eval_loader, evaluate, resolve_config, train  # noqa: E402
+from stvit_core.distributed import DistInfo  # noqa: E402
+from stvit_core.evaluate import eval_loader, validate  # noqa: E402
+from stvit_core.train import resolve_config, train  # noqa: E402
 
 
 def build(arch: str, args: argparse.Namespace) -> torch.nn.Module:
@@ -78,7 +80,7 @@ def accuracy(model: torch.nn.Module, args: argparse.Namespace) -> float:
     dist = DistInfo()
     tf = stdata.build_transform(stdata.model_data_config(model), training=False)
     val = stdata.folder_dataset(embedded_dataset_path() / "val", tf)
-    return evaluate(model, eval_loader(val, 100, 0, dist), dist)["top1"]
+    return validate(model, eval_loader(val, 100, 0, dist), dist)["top1"]
 
 
 def scratch_job(arch: str, args: argparse.Namespace) -> Tuple[List[Dict[str, Any]], Dict[str, torch.Tensor]]:

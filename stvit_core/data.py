@@ -19,12 +19,13 @@ number of loader workers, processes or interruptions, which is what exact ``--re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -72,11 +73,19 @@ def split_folder(root: PathLike, split: str) -> Path:
 
 
 def folder_classes(folder: PathLike) -> List[str]:
-    """Class folder names in timm's natural order (the order timm's ImageFolder reader assigns indices)."""
-    from timm.data.readers.reader_image_folder import natural_key
+    """Class folder names in timm's natural order (the order timm's ImageFolder reader assigns indices).
+
+    Raises DataError when ``folder`` is missing or has no class folders.
+    """
+    from timm.utils import natural_key
 
     folder = Path(folder)
-    return sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+    names = sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
+    if not names:
+        raise DataError(f"{folder} is empty: expected one sub-folder of images per class")
+    return names
 
 
 class StrictImageDataset(torch.utils.data.Dataset):
@@ -141,22 +150,19 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF
 
 
-class _seeded_rng:
-    """Run a block under seeded python/numpy/torch RNGs and restore the caller's states afterwards."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(self.seed)
-        np.random.seed(self.seed)
-        torch.default_generator.manual_seed(self.seed)  # CPU only: leave CUDA's dropout RNG alone
-
-    def __exit__(self, *exc: Any) -> None:
-        random.setstate(self.states[0])
-        np.random.set_state(self.states[1])
-        torch.set_rng_state(self.states[2])
+@contextlib.contextmanager
+def _seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block under seeded python/numpy/torch-CPU RNGs and restore the caller's states afterwards."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()  # fork_rng covers torch only
+    with torch.random.fork_rng(devices=[]):  # CPU only: leave CUDA's dropout RNG alone
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def check_images(folder: PathLike) -> List[str]:
@@ -176,19 +182,9 @@ def model_data_config(model: nn.Module, overrides: Optional[Mapping[str, Any]] =
 
     Uses the model's current input size (a DeiT built with ``img_size=32`` reports 32, not its default 224).
     """
-    args = {k: v for k, v in (overrides or {}).items() if v is not None}
-    try:
-        from timm.data.model_config import resolve_input_data_config
+    from timm.data import resolve_input_data_config
 
-        return dict(resolve_input_data_config(model, args=args))
-    except ImportError:  # timm < 1.0.30
-        from timm.data import resolve_data_config
-
-        patch_embed = getattr(model, "patch_embed", None)
-        size = getattr(patch_embed, "img_size", None)
-        if size is not None and "input_size" not in args:
-            args["input_size"] = (3, *tuple(size))
-        return dict(resolve_data_config(args, model=model))
+    return dict(resolve_input_data_config(model, args={k: v for k, v in (overrides or {}).items() if v is not None}))
 
 
 def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augment: Optional[str] = None,
@@ -209,12 +205,12 @@ def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augm
                             crop_mode=data_config.get("crop_mode", "center"), **common)
 
 
-def check_num_classes(dataset: StrictImageDataset, num_classes: int, *, exact: bool = False) -> None:
-    """Fail clearly when the data's classes do not fit the model's head (``exact``: training, sizes equal)."""
+def check_num_classes(dataset: StrictImageDataset, num_classes: int) -> None:
+    """Training: the data's classes must be exactly the head's outputs (else say how to reset the head)."""
     n = len(dataset.class_to_idx)
     if num_classes <= 0:
         raise DataError(f"the model has no classification head (num_classes=0); pass --num-classes {n}")
-    if max(dataset.class_to_idx.values()) >= num_classes or (exact and n != num_classes):
+    if n != num_classes:
         raise DataError(
             f"{dataset.folder} has {n} classes but the model's head has {num_classes} outputs; "
             f"pass --num-classes {n} to reset the head"
@@ -230,14 +226,8 @@ def imagenet_class_map() -> Dict[str, int]:
 
 def imagenet_dataset(folder: PathLike, transform: Any) -> StrictImageDataset:
     """ImageNet-1k validation images in synset folders (``n01440764/...``), indexed in timm's order."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}")
     class_map = imagenet_class_map()
-    names = folder_classes(folder)
-    unknown = [n for n in names if n not in class_map]
-    if not names:
-        raise DataError(f"{folder} has no class folders (expected ImageNet synset folders like n01440764)")
+    unknown = [n for n in folder_classes(folder) if n not in class_map]
     if unknown:
         raise DataError(
             f"{folder}: {len(unknown)} folder(s) are not ImageNet-1k synsets (e.g. {unknown[0]!r}); "
@@ -256,21 +246,11 @@ def label_map_from_model(model: nn.Module) -> Optional[Dict[str, int]]:
     return None
 
 
-def folder_dataset(folder: PathLike, transform: Any, class_names: Optional[Mapping[str, int]] = None,
+def folder_dataset(folder: PathLike, transform: Any, class_map: Optional[Mapping[str, int]] = None,
                    seed: Optional[int] = None) -> StrictImageDataset:
-    """An ImageFolder dataset; with ``class_names`` every folder must be one of the model's classes."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}")
-    names = folder_classes(folder)
-    if not names:
-        raise DataError(f"{folder} is empty: expected one sub-folder of images per class")
-    if class_names:
-        unknown = [n for n in names if n not in class_names]
-        if unknown:
-            raise DataError(f"{folder}: class folder {unknown[0]!r} is not one of the model's classes "
-                            f"({', '.join(list(class_names)[:5])}, ...)")
-    return StrictImageDataset(folder, class_map=class_names, transform=transform, seed=seed)
+    """An ImageFolder dataset; with ``class_map`` (name -> index) only the class folders it names are read."""
+    folder_classes(folder)  # a missing or empty folder: a clear error before timm's reader sees it
+    return StrictImageDataset(folder, class_map=class_map, transform=transform, seed=seed)
 
 
 def reraise_loader_error(e: BaseException) -> None:

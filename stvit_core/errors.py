@@ -27,3 +27,9 @@ class DownloadError(StvitError):
 
 class DataError(StvitError):
     """A dataset is missing, empty or does not match the model."""
+
+
+class TrainingInterrupted(StvitError):
+    """SIGINT/SIGTERM arrived during training; a checkpoint was saved and the run stopped cleanly."""
+
+    exit_code = 130

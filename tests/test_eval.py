@@ -8,8 +8,8 @@ import torch
 from timm.data import ImageNetInfo
 
 from stvit_core import save_model
-from stvit_core.data import embedded_dataset_path
-from tests.train_utils import assert_one_line_error, cli, cli_in_process, tiny_stvit
+from stvit_core.data import embedded_dataset_path, folder_classes
+from tests.train_utils import assert_one_line_error, cli, cli_in_process, tiny_stvit, unwritable_dir
 
 # ImageNet class index -> number of images in its synset folder
 COUNTS = {0: 3, 100: 4, 200: 2, 300: 5, 400: 1, 500: 2, 900: 3}
@@ -66,21 +66,65 @@ def test_eval_imagenet_counts_topk_and_loss(biased_model, imagenet_dir, tmp_path
 
 
 def test_eval_imagenet_accepts_root_with_val_and_writes_json(biased_model, imagenet_dir, tmp_path):
-    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir.parent), "--workers", "0",
+    r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir.parent), "--workers", "0",
              "--results-file", str(tmp_path / "r.json")])
     assert r.returncode == 0, r.stderr
     assert "top-1" in r.stdout and "GFLOPs" in r.stdout
     assert json.loads((tmp_path / "r.json").read_text())["images"] == sum(COUNTS.values())
 
 
-def test_eval_folder_uses_sorted_folder_names(biased_model, tmp_path):
-    # Without label_names the 10 sorted folders are classes 0-9; the head always answers 100, 200, ... so
-    # every image is counted and none is right.
-    r = cli(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--json", "-b", "100",
-             "--workers", "0"])
+FASHION = folder_classes(embedded_dataset_path() / "val")
+
+
+def _model_dir(tmp_path, name, label_names=None, num_classes=10):
+    model = tiny_stvit(tokens=4, num_classes=num_classes)
+    if label_names is not None:
+        model.pretrained_cfg = {**model.pretrained_cfg, "label_names": label_names, "num_classes": num_classes}
+    return save_model(model, tmp_path / name)
+
+
+def test_eval_folder_without_label_names_needs_one_output_per_folder(biased_model, tmp_path):
+    # 1000 outputs and 10 folders: nothing says which output is which folder (this used to report 0.00%)
+    r = cli_in_process(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--workers", "0"])
+    assert_one_line_error(r, "10 class folders", "1000 outputs and no label names")
+    assert r.stdout == ""
+    r = cli_in_process(["eval", "folder", "-m", str(_model_dir(tmp_path, "ten")), "-d", "fashion-mnist", "--json",
+                        "-b", "250", "--workers", "0"])  # as many outputs as folders: natural folder order
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["images"] == 500
+
+
+def test_eval_folder_warns_when_label_names_miss_folders_and_refuses_when_none_match(tmp_path):
+    renamed = ["zebra", "yak", *FASHION[2:]]  # two of the folders are not among the model's classes
+    r = cli_in_process(["eval", "folder", "-m", str(_model_dir(tmp_path, "partial", renamed)), "-d", "fashion-mnist",
+                        "--json", "-b", "250", "--workers", "0"])
     assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("Warning: 2 of the 10 class folders"), r.stderr
+    assert FASHION[0] in warnings[0] and FASHION[1] in warnings[0]
     result = json.loads(r.stdout)
-    assert result["images"] == 500 and result["top1"] == 0.0 and result["top5"] == 0.0
+    assert result["images"] == 400 and result["warnings"] == [warnings[0][len("Warning: "):]]
+    r = cli_in_process(["eval", "folder", "-m", str(_model_dir(tmp_path, "other", [f"c{i}" for i in range(10)])),
+                        "-d", "fashion-mnist", "--workers", "0"])
+    assert_one_line_error(r, "none of the 10 class folders", "c0, c1, c2")
+
+
+def test_eval_imagenet_with_a_head_of_other_classes_says_what_to_do(imagenet_dir, tmp_path):
+    r = cli_in_process(["eval", "imagenet", "-m", str(_model_dir(tmp_path, "ten")), "-d", str(imagenet_dir)])
+    assert_one_line_error(r, "10 outputs, not ImageNet-1k's 1000", "stvit eval folder")
+    assert "--num-classes" not in r.stderr
+
+
+def test_results_file_that_cannot_be_written_keeps_the_printed_result(biased_model, imagenet_dir, tmp_path):
+    results = unwritable_dir(tmp_path) / "r.csv"
+    r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir), "--workers", "0",
+                        "--results-file", str(results)])
+    assert_one_line_error(r, "cannot write results file", str(results))
+    assert "top-1 20.00%" in r.stdout  # the evaluation was printed before the file failed
+    r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir),
+                        "--results-file", str(tmp_path / "missing" / "r.csv")])
+    assert_one_line_error(r, "does not exist")  # known before evaluating: nothing printed
+    assert r.stdout == ""
 
 
 @pytest.mark.slow

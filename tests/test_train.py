@@ -8,11 +8,23 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from stvit_core import load_model
-from stvit_core.errors import InvalidArgumentError
-from stvit_core.train import DistillationLoss, resolve_config, train
-from tests.train_utils import ROOT, assert_one_line_error, cli, cli_in_process, env, make_subset, tiny_deit, tiny_stvit
+from stvit_core.errors import InvalidArgumentError, OutputExistsError
+from stvit_core.train import DistillationLoss, create_model_for_training, resolve_config, train
+from tests.train_utils import (
+    ROOT,
+    assert_one_line_error,
+    cli,
+    cli_in_process,
+    converted_model_dir,
+    env,
+    make_subset,
+    tiny_deit,
+    tiny_stvit,
+    unwritable_dir,
+)
 from tests.train_utils import TINY as TINY_ARGS
 
 MODEL_ARGS = ["--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
@@ -48,7 +60,9 @@ def test_short_finetune_lowers_loss_and_raises_accuracy(small_data, tmp_path):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
     assert result["best_top1"] >= 30.0 and result["best_top1"] >= rows[0]["top1"] + 10  # chance: 10%
     out = tmp_path / "run"
-    assert (out / "metrics.csv").read_text().count("\n") == 6
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 6 and csv_lines[0].startswith("epoch,train_loss,")  # timm's summary.csv layout
+    assert "eval_top1" in csv_lines[0].split(",") and csv_lines[0].endswith(",lr")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 5
     assert (out / "config.yaml").is_file() and (out / "curves.png").stat().st_size > 1000
     best = load_model(out / "best")
@@ -119,6 +133,8 @@ def test_resume_after_sigkill_mid_epoch_is_exact(tmp_path):
     assert (ckpt["epoch"], ckpt["batches_done"]) != (2, 0), "the run finished before it could be killed"
     resumed = cli([*common, "-o", str(out), "--resume", str(last)])
     assert resumed.returncode == 0, resumed.stderr
+    within = f" (batch {ckpt['batches_done']} of it done)" if ckpt["batches_done"] else ""
+    assert f"resuming from {last} at epoch {ckpt['epoch'] + 1}{within}, step {ckpt['num_updates']}\n" in resumed.stderr
 
     a, b = _weights(tmp_path / "full" / "checkpoints" / "last.pth"), _weights(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -189,7 +205,7 @@ def test_finetune_cli_bad_inputs(tmp_path, small_data, tiny_model_dir):
     (three / "train" / "coat" / "zz_broken.png").write_bytes(b"garbage")
     r = cli_in_process([*base, "-d", str(three), "-o", str(tmp_path / "o4"), "--num-classes", "3"])
     assert_one_line_error(r, "zz_broken.png")
-    assert not (tmp_path / "o4" / "best").exists()
+    assert not (tmp_path / "o4").exists()  # failed before its first checkpoint: nothing left behind
     # a training checkpoint of a different model (other width) cannot be resumed here
     cfg = resolve_config(overrides=dict(data=str(small_data), output=str(tmp_path / "other"), epochs=1,
                                         batch_size=50, workers=0))
@@ -214,6 +230,14 @@ def test_finetune_converts_a_timm_name_and_distils_from_its_source(small_data, t
     assert config["architecture"].startswith("stvit_")  # converted (width 48: the generic stvit_vit)
     assert config["model_args"]["num_semantic_tokens"] == 4 and config["num_classes"] == 10
     assert "distill: hard" in (out / "config.yaml").read_text()
+    # recorded as `stvit convert` records it, plus the fine-tuning and its evaluation
+    record = config["stvit"]
+    assert record["source_model"] == "deit_tiny_patch16_224" and record["source_weights"] == "random"
+    assert record["base_gflops"] > record["gflops"] > 0 and record["num_semantic_tokens"] == 4
+    results = json.loads((out / "best" / "results.json").read_text())
+    assert results == {"dataset": str(small_data), "top1": result["top1"], "top5": result["top5"], "num_images": 100,
+                       "split": "val"}
+    assert record["finetuned"]["top1"] == result["top1"]
     bad = cli_in_process(["finetune", "-m", "deit_tiny_patch16_224", "--no-pretrained", "--model-arg", "embed_dim=32",
                           "-d", str(small_data), "-o", str(tmp_path / "bad")])
     assert_one_line_error(bad, "embed_dim")
@@ -247,3 +271,117 @@ def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model
     with pytest.raises(InvalidArgumentError, match="predicts 7 classes, the student 10"):
         teacher_for(student, str(tiny_model_dir), "deit_tiny_patch16_224", pretrained=False,
                     model_kwargs={**TINY_ARGS, "num_classes": 7})
+
+
+def test_token_options_that_cannot_apply_are_refused(tmp_path, small_data):
+    model_dir = converted_model_dir(tmp_path / "converted", tokens=4)
+    for spec, kwargs, fragment in [
+        (str(model_dir), {"tokens": 36}, "--tokens applies when --model is a model name"),
+        ("hf-hub:org/model", {"tokens": 16}, "--tokens applies when --model is a model name"),
+        (str(model_dir), {"tokens_per_window": 4}, "--tokens-per-window applies when"),
+        ("swin_tiny", {"tokens": 36}, "Swin takes --tokens-per-window"),
+        ("stvit_r_swin_tiny_patch4_window7_224", {"tokens": 16}, "Swin takes --tokens-per-window"),
+        ("deit_tiny", {"tokens_per_window": 4}, "--tokens-per-window is for Swin"),
+    ]:
+        with pytest.raises(InvalidArgumentError, match=fragment):
+            create_model_for_training(spec, pretrained=False, **kwargs)
+    out = tmp_path / "ft"
+    for args in (["-m", str(model_dir), "--tokens", "36"], ["-m", "swin_tiny", "--no-pretrained", "--tokens", "36"]):
+        r = cli_in_process(["finetune", *args, "-d", str(small_data), "-o", str(out), "--epochs", "1"])
+        assert_one_line_error(r, "--tokens")
+        assert not out.exists()
+
+
+def test_finetuned_model_keeps_its_record_and_evaluation_and_resume_says_where(tmp_path, small_data):
+    from stvit_core.hub import read_eval_results
+
+    model_dir = converted_model_dir(tmp_path / "converted", tokens=4)
+    source_record = json.loads((model_dir / "config.json").read_text())["stvit"]
+    out = tmp_path / "ft"
+    args = ["finetune", "-m", str(model_dir), "-d", str(small_data), "-o", str(out), "--epochs", "2", "-b", "50",
+            "--workers", "0", "--quiet"]
+    r = cli_in_process(args)
+    assert r.returncode == 0, r.stderr
+    config = yaml.safe_load((out / "config.yaml").read_text())  # the model that ran, not the options typed
+    assert "tokens" not in config and config["num_semantic_tokens"] == 4
+    assert config["architecture"] == "stvit_vit_patch16_224" and config["model_args"]["embed_dim"] == 48
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best = max(rows, key=lambda row: row["top1"])
+    record = json.loads((out / "best" / "config.json").read_text())["stvit"]
+    assert {k: v for k, v in record.items() if k != "finetuned"} == source_record
+    assert record["finetuned"] == {"top1": best["top1"], "top5": best["top5"], "epoch": best["epoch"],
+                                   "dataset": str(small_data), "images": 100}
+    results = json.loads((out / "best" / "results.json").read_text())
+    assert results == {"dataset": str(small_data), "top1": best["top1"], "top5": best["top5"], "num_images": 100,
+                       "split": "val"}
+    card = read_eval_results(out / "best")  # what the model card shows
+    assert (card["top1"], card["top5"], card["dataset"]) == (best["top1"], best["top5"], str(small_data))
+
+    last = out / "checkpoints" / "last.pth"
+    r = cli_in_process([*args, "--resume", str(last)])  # a finished run: nothing left to train
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from {last} at epoch 3, step 12" in r.stderr.splitlines()[0]
+
+
+def test_unwritable_output_is_one_line_and_leaves_nothing(tmp_path, small_data, tiny_model_dir):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for out in (unwritable_dir(tmp_path) / "ft", blocker / "ft"):
+        r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", str(small_data), "-o", str(out),
+                            "--epochs", "1", "-b", "50", "--workers", "0"])
+        assert_one_line_error(r, "cannot create output directory", str(out))
+        assert not out.exists()
+    nested = tmp_path / "new" / "deeper" / "ft"  # a run that fails creates no parents either
+    r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", str(small_data), "-o", str(nested),
+                        "--epochs", "1", "-b", "500", "--workers", "0"])
+    assert_one_line_error(r, "batch size 500")
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_output_holding_only_a_config_counts_as_empty(tmp_path, small_data):
+    from stvit_core.train_outputs import check_output_dir
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("epochs: 1\n")  # what a run killed before its first checkpoint leaves
+    cfg = resolve_config(overrides=dict(data=str(small_data), output=str(out), epochs=1, batch_size=50, workers=0))
+    train(cfg, tiny_stvit(tokens=4))
+    assert (out / "best" / "model.safetensors").is_file()
+    with pytest.raises(OutputExistsError, match="--resume"):  # now it holds a run
+        check_output_dir(str(out), resume=False, force=False)
+
+
+@pytest.mark.slow
+def test_double_ctrl_c_in_epoch_one_then_the_same_command_just_works(tmp_path):
+    data = make_subset(tmp_path / "data", 100, 2)  # an epoch of 1000 images takes far longer than 0.2 s
+    out = tmp_path / "run"
+    # one optimizer step per epoch (accumulation over every batch): the first Ctrl-C cannot be served before
+    # the second arrives, which stops at once
+    args = ["finetune", "-m", "stvit_deit_tiny_patch16_224", "--no-pretrained", "--tokens", "4", *MODEL_ARGS,
+            "-d", str(data), "-o", str(out), "--epochs", "1", "-b", "10", "--accum-steps", "1000", "--workers", "0",
+            "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "stvit_cli", *args], env=env(), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert not out.exists()
+    rerun = cli_in_process(args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "best" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_docs_run(tmp_path, monkeypatch):
+    from tests.train_utils import run_doc_blocks
+
+    monkeypatch.chdir(tmp_path)
+    for page in ("training.md", "evaluation.md"):  # evaluation.md evaluates the model training.md trains
+        run_doc_blocks(ROOT / "docs" / page)
+    assert (tmp_path / "runs" / "fm-more" / "best" / "results.json").is_file()
+    assert (tmp_path / "results.csv").is_file()

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -42,6 +42,36 @@ def tiny_deit(**kw) -> torch.nn.Module:
     args = dict(TINY)
     args.update(kw)
     return timm.create_model("deit_tiny_patch16_224", **args)
+
+
+def converted_model_dir(path: Path, tokens: int = 4) -> Path:
+    """A tiny DeiT converted to STViT and saved the way ``stvit convert`` saves it (``stvit`` metadata included)."""
+    from stvit_core import save_model
+    from stvit_core.convert import conversion_metadata, convert_model
+
+    torch.manual_seed(0)
+    source = tiny_deit()
+    model = convert_model(source, num_semantic_tokens=tokens, num_image_blocks=2)
+    save_model(model, path, metadata=conversion_metadata(source, model, source_name="deit_tiny_patch16_224"))
+    return path
+
+
+def unwritable_dir(tmp_path: Path) -> Path:
+    """A folder this process cannot create anything in (root ignores file modes, so root gets sysfs)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    probe = Path("/sys/stvit-write-probe")
+    try:
+        probe.mkdir()
+    except OSError:
+        return Path("/sys")
+    probe.rmdir()
+    pytest.skip("no folder on this machine refuses writes to root")
 
 
 def env() -> Dict[str, str]:
@@ -82,3 +112,38 @@ def assert_one_line_error(result, *fragments: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def doc_blocks(path: Path) -> List[Tuple[str, str]]:
+    """The fenced code blocks of a Markdown file, as (language, text), in order."""
+    import re
+
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", path.read_text(), re.M | re.S)]
+
+
+def run_doc_blocks(path: Path) -> None:
+    """Run every code block of ``path`` in the current directory: ``bash`` blocks of ``stvit`` commands,
+    ``console`` transcripts (output compared with every number masked) and ``python`` blocks."""
+    import re
+    import shlex
+
+    def masked(text: str) -> List[str]:
+        return [re.sub(r"\d+(\.\d+)?", "N", line.rstrip()) for line in text.strip().splitlines()]
+
+    for language, text in doc_blocks(path):
+        if language == "python":
+            exec(compile(text, f"{path.name} (python block)", "exec"), {"__name__": "__doc__"})
+        elif language == "bash":
+            for command in text.replace("\\\n", " ").strip().splitlines():
+                words = shlex.split(command, comments=True)
+                assert words[:1] == ["stvit"], f"{path.name}: cannot run {command!r} in a test"
+                result = cli_in_process(words[1:])
+                assert result.returncode == 0, f"{command}\n{result.stderr}"
+        elif language == "console":
+            for chunk in text.split("$ ")[1:]:
+                command, _, expected = chunk.partition("\n")
+                result = cli_in_process(shlex.split(command)[1:])
+                assert result.returncode == 0, f"{command}\n{result.stderr}"
+                assert masked(result.stdout) == masked(expected), f"{command}\n{result.stdout}"
+        else:
+            raise AssertionError(f"{path.name}: a {language or 'plain'} code block that no test runs")

@@ -28,22 +28,27 @@ def _common_options(func):
 
 def _run(imagenet: bool, model_spec: str, data: str, batch_size: int, device: Optional[str], workers: int,
          amp: Optional[str], as_json: bool, results_file: Optional[str]) -> None:
+    from pathlib import Path
+
+    from stvit_core.errors import InvalidArgumentError
     from stvit_core.evaluate import evaluate_model, write_results_file
 
     if results_file and not (results_file.endswith(".csv") or results_file.endswith(".json")):
-        from stvit_core.errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"--results-file must end in .csv or .json: {results_file}")
+    if results_file and not Path(results_file).resolve().parent.is_dir():
+        raise InvalidArgumentError(f"--results-file: folder {Path(results_file).parent} does not exist")
     result = evaluate_model(model_spec, data, imagenet=imagenet, batch_size=batch_size, device=device,
                             workers=workers, amp=amp)
     if not _is_main_process():
         return
-    if results_file:
-        write_results_file(results_file, result)
+    for warning in result["warnings"]:
+        click.echo(f"Warning: {warning}", err=True)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         _print(result)
+    if results_file:  # after printing: a file that cannot be written does not throw the evaluation away
+        write_results_file(results_file, result)
 
 
 def _is_main_process() -> bool:

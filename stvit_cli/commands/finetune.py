@@ -98,23 +98,27 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     """
     from stvit_core import train as st
     from stvit_core.data import resolve_data_root, split_folder
+    from stvit_core.device import resolve_device
+    from stvit_core.errors import InvalidArgumentError
+    from stvit_core.train_outputs import check_output_dir
 
+    tokens_per_window = options.pop("tokens_per_window", None)  # Swin, where the command offers it
     overrides = dict(options, data=data, output=output, recipe=recipe, compile=compile_)
     cfg = st.resolve_config(recipe, config_file, overrides)
     kwargs = _parse_model_args(model_args)
 
-    # Head size: --num-classes, else keep the model's head; the trainer checks the data against it.
+    # Fail on what can be checked before building models: device, output, head size, data folder.
+    resolve_device(cfg.device)
+    check_output_dir(output, resume=bool(resume), force=force)
     if num_classes is not None and num_classes < 1:
-        from stvit_core.errors import InvalidArgumentError
-
         raise InvalidArgumentError("--num-classes must be at least 1")
-    split_folder(resolve_data_root(data), "train")  # fail on a missing data folder before building models
+    split_folder(resolve_data_root(data), "train")
     import torch
 
     torch.manual_seed(cfg.seed)  # a new head and random init are reproducible (torch's default seed is not)
     student = st.create_model_for_training(
-        model_spec, tokens=tokens, pretrained=not no_pretrained, checkpoint=checkpoint,
-        num_classes=num_classes, drop_path=cfg.drop_path, model_kwargs=kwargs)
+        model_spec, tokens=tokens, tokens_per_window=tokens_per_window, pretrained=not no_pretrained,
+        checkpoint=checkpoint, num_classes=num_classes, drop_path=cfg.drop_path, model_kwargs=kwargs)
     teacher_model = None
     if cfg.distill:
         teacher_model = st.teacher_for(student, model_spec, teacher, pretrained=not no_pretrained,
@@ -129,9 +133,19 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
                        f"  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}{ema}  "
                        f"({row['train_img_per_sec']:.0f} img/s)", err=True)
 
+    def resuming(where: Dict[str, Any]) -> None:
+        within = f" (batch {where['batches_done']} of it done)" if where["batches_done"] else ""
+        done = f"; all {cfg.epochs} epochs are done" if where["epoch"] >= cfg.epochs else ""
+        click.echo(f"resuming from {where['path']} at epoch {where['epoch'] + 1}{within}, step {where['step']}{done}",
+                   err=True)
+        if where["checkpoint_world_size"] != where["world_size"]:
+            click.echo(f"Warning: the checkpoint was written by {where['checkpoint_world_size']} process(es), this "
+                       f"run has {where['world_size']}: it continues, but not bit for bit", err=True)
+
+    # config.yaml records the model that runs (architecture, tokens, model_args) from the model itself
     result = st.train(cfg, student, teacher=teacher_model, resume=resume, force=force, on_epoch_end=report,
-                      extra_config={"model": model_spec, "tokens": tokens, "teacher": teacher,
-                                    "model_args": kwargs, "pretrained": not no_pretrained})
+                      on_resume=resuming, extra_config={"model": model_spec, "teacher": teacher,
+                                                        "pretrained": not no_pretrained, "checkpoint": checkpoint})
     if int(result.get("world_size", 1)) > 1:
         import torch.distributed
 
