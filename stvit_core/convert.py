@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import _one_line, load_state_dict_file
+from .checkpoint import load_state_dict_file
+from .errors import first_line as _one_line
 from .errors import CheckpointError, DownloadError, InvalidArgumentError
 from .flops import count_flops, count_params
 
