@@ -1,29 +1,103 @@
-"""The ``stvit`` click group. Each command lives in ``stvit_cli/commands/<name>.py``."""
+"""The ``stvit`` click group. Each command lives in ``stvit_cli/commands/<name>.py``.
+
+Every failure a user can cause ends the same way, whatever the command: one line ``Error: ...`` on stderr and
+a non-zero exit code, never a traceback (see docs/cli.md):
+
+* 2: a usage error found by click (unknown option, value out of range, missing argument) or an invalid
+  argument found by stvit_core (``InvalidArgumentError``); library argument names in the message are
+  replaced by the option the user typed (``num_semantic_tokens`` -> ``--tokens``);
+* 1: any other ``StvitError`` (missing or corrupt file, offline download, existing output...) and any
+  ``OSError`` (a path that cannot be written or read: ``cannot write PATH: REASON``);
+* 130: interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import click
+
+from .commands._common import RecordingGroup
 
 # Nothing here imports stvit_core at start-up: it imports timm and torch (seconds), which `stvit --help`,
 # `stvit --version` and a usage error do not need. Commands import it when they run.
 
 
-class StvitGroup(click.Group):
-    """A click group that turns library errors into one line on stderr and a non-zero exit."""
+def _option_names(commands: Iterable[click.Command]) -> Dict[str, Tuple[str, bool]]:
+    """Library argument name -> (the option's long flag, is it a flag) for the options of the commands run."""
+    names: Dict[str, Tuple[str, bool]] = {}
+    for command in commands:
+        for param in command.params:
+            if not isinstance(param, click.Option) or not param.name:
+                continue
+            flag = max(param.opts, key=len)
+            for name in {param.name, getattr(param, "library_name", None)} - {None}:
+                names[name] = (flag, param.is_flag)
+    return names
 
-    def invoke(self, ctx: click.Context):
+
+def in_cli_terms(message: str, names: Dict[str, Tuple[str, bool]]) -> str:
+    """Replace library argument names by the options the user typed: ``num_semantic_tokens=-4`` -> ``--tokens -4``.
+
+    Bare names are replaced only when they contain an underscore (so ``force`` or ``model`` in prose stay).
+    """
+    for name, (flag, is_flag) in sorted(names.items(), key=lambda item: -len(item[0])):
+        edge, end = r"(?<![\w\-/.])", r"(?![\w/])"
+        message = re.sub(rf"{edge}{re.escape(name)}=(\S+?)(?=[\s,;:)]|$)",
+                         lambda m, f=flag, b=is_flag: f if b else f"{f} {m.group(1)}", message)
+        if "_" in name:
+            message = re.sub(rf"{edge}{re.escape(name)}{end}", flag, message)
+    return message
+
+
+def _usage_line(error: click.ClickException) -> str:
+    message = " ".join(error.format_message().split())
+    ctx: Optional[click.Context] = getattr(error, "ctx", None)
+    if isinstance(error, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+class StvitGroup(RecordingGroup):
+    """The top-level group: turns every error a user can cause into one line on stderr and an exit code."""
+
+    def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
+             complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:  # click would print usage + hint + message: three lines
+            click.echo(f"Error: {_usage_line(e)}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo("Interrupted.", err=True)
+            click.echo("Error: interrupted", err=True)
             ctx.exit(130)
+        except click.ClickException:
+            raise
+        except OSError as e:  # an unwritable output, a disk full, a file gone: whatever command it was
+            from stvit_core.errors import describe_os_error
+
+            click.echo(f"Error: {describe_os_error(e)}", err=True)
+            ctx.exit(1)
         except Exception as e:
             errors = sys.modules.get("stvit_core.errors")  # loaded by whatever raised a library error
             if errors is None or not isinstance(e, errors.StvitError):
                 raise
-            click.echo(f"Error: {e}", err=True)
+            message = str(e)
+            if isinstance(e, errors.InvalidArgumentError):
+                message = in_cli_terms(message, _option_names(ctx.meta.get("stvit.commands", [])))
+            click.echo(f"Error: {errors.first_line(message, limit=2000)}", err=True)
             ctx.exit(e.exit_code)
 
 
@@ -52,6 +126,10 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
               help="Show the version and exit.")
 def cli() -> None:
     """Semantic-token vision transformers: convert, fine-tune, evaluate, benchmark and share.
+
+    \b
+    Errors are one line on stderr, "Error: ...", with exit code 2 for a usage error or an invalid
+    argument, 1 for anything else (missing file, offline, unwritable output), 130 when interrupted.
 
     \b
     Examples:

@@ -1,23 +1,24 @@
 """Side-by-side throughput of a base model and its STViT version.
 
 Both models are built the same way, put on the same device and dtype, compiled (or not) the same way, and
-timed in one process. Warm-up steps are excluded, and the models alternate round by round so that machine
-noise (other processes, clock changes) hits both; each model's figure is the median over rounds.
+timed in one process with ``torch.utils.benchmark.Timer`` (CUDA synchronised, warm-up excluded, the thread
+count of the process). The models alternate round by round so that machine noise (other processes, clock
+changes) hits both; each model's figure is the median over rounds.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .errors import InvalidArgumentError
+from .device import resolve_device
+from .errors import DownloadError, InvalidArgumentError
 from .flops import count_flops, count_params
 
 __all__ = ["BenchmarkSettings", "benchmark_models", "benchmark_pair", "check_settings", "models_for_benchmark"]
@@ -28,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass
 class BenchmarkSettings:
     batch_size: int = 32
-    device: str = "cpu"
+    device: Optional[str] = None  # None / 'auto': CUDA when available, else CPU
     dtype: str = "float32"
     bench: str = "inference"  # 'inference' or 'train' (forward + backward + optimizer step)
     compile: bool = False
@@ -39,18 +40,22 @@ class BenchmarkSettings:
     min_round_time: float = 1.0  # seconds of work per model per round; sets the steps per round
 
 
-def check_settings(settings: BenchmarkSettings) -> None:
-    """Raise a one-line error for settings this machine or torch cannot run."""
+def check_settings(settings: BenchmarkSettings) -> torch.device:
+    """Raise a one-line error for settings this machine or torch cannot run; returns the device."""
     if settings.dtype not in DTYPES:
         raise InvalidArgumentError(f"unknown dtype {settings.dtype!r} (expected {', '.join(DTYPES)})")
     if settings.bench not in ("inference", "train"):
         raise InvalidArgumentError(f"unknown benchmark {settings.bench!r} (expected inference or train)")
-    if settings.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgumentError("--device cuda was asked for but CUDA is not available (see `stvit env`)")
-    if settings.cuda_graphs and not settings.device.startswith("cuda"):
-        raise InvalidArgumentError("--cuda-graphs needs --device cuda")
-    if settings.batch_size < 1:
-        raise InvalidArgumentError("batch size must be at least 1")
+    for name, value, low in (("batch_size", settings.batch_size, 1), ("rounds", settings.rounds, 1),
+                             ("warmup", settings.warmup, 0)):
+        if value < low:
+            raise InvalidArgumentError(f"{name} must be at least {low}, got {value}")
+    if not settings.min_round_time > 0:
+        raise InvalidArgumentError(f"min_round_time must be positive, got {settings.min_round_time}")
+    device = resolve_device(settings.device)
+    if settings.cuda_graphs and device.type != "cuda":
+        raise InvalidArgumentError("cuda_graphs=True needs a CUDA device")
+    return device
 
 
 def _sync(device: torch.device) -> None:
@@ -94,6 +99,13 @@ def _make_step(model: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -
     return train_step
 
 
+def _timer(step: Callable[[], Any]) -> Any:
+    from torch.utils.benchmark import Timer
+
+    # Timer would time on one thread by default; measure with the threads the process runs with
+    return Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+
+
 def benchmark_models(
     models: Dict[str, nn.Module],
     input_size: Sequence[int],
@@ -101,40 +113,27 @@ def benchmark_models(
 ) -> Dict[str, Dict[str, Any]]:
     """Time each model on the same random batch; returns ``{name: {img_per_sec, peak_memory_mb, ...}}``."""
     settings = settings or BenchmarkSettings()
-    check_settings(settings)
-    device = torch.device(settings.device)
+    device = check_settings(settings)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     x = torch.randn((settings.batch_size, *input_size), device=device).contiguous(memory_format=memory_format)
-    steps: Dict[str, Callable[[], Any]] = {}
+    timers, step_time, peak_memory = {}, {}, {}
     for name, model in models.items():
         model.to(device=device, memory_format=memory_format)
-        steps[name] = _make_step(model, x, settings)
-
-    # Warm up every model (compilation, allocator, cuDNN autotuning) and size the rounds.
-    step_time: Dict[str, float] = {}
-    peak_memory: Dict[str, Optional[float]] = {}
-    for name, step in steps.items():
-        for _ in range(max(settings.warmup, 1)):
+        step = _make_step(model, x, settings)
+        for _ in range(settings.warmup):  # compilation, allocator, cuDNN autotuning
             step()
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        step_time[name] = time.perf_counter() - t0
+        timers[name] = _timer(step)
+        step_time[name] = timers[name].timeit(1).mean  # sizes the rounds
         peak_memory[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     iters = {n: max(1, math.ceil(settings.min_round_time / max(t, 1e-6))) for n, t in step_time.items()}
 
-    rates: Dict[str, list] = {name: [] for name in steps}
+    rates: Dict[str, List[float]] = {name: [] for name in timers}
     for _ in range(settings.rounds):
-        for name, step in steps.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(iters[name]):
-                step()
-            _sync(device)
-            rates[name].append(iters[name] * settings.batch_size / (time.perf_counter() - t0))
+        for name, timer in timers.items():
+            rates[name].append(settings.batch_size / timer.timeit(iters[name]).mean)
     return {
         name: {
             "img_per_sec": statistics.median(r),
@@ -154,13 +153,13 @@ def benchmark_pair(
 ) -> Dict[str, Any]:
     """Benchmark ``base`` against ``stvit``; the result has the ``stvit benchmark --json`` schema."""
     settings = settings or BenchmarkSettings()
-    check_settings(settings)
+    device = check_settings(settings)
     input_size = tuple(input_size or stvit.pretrained_cfg.get("input_size", (3, 224, 224)))
     flops = {"base": count_flops(base, input_size), "stvit": count_flops(stvit, input_size)}
     params = {"base": count_params(base), "stvit": count_params(stvit)}
     timings = benchmark_models({"base": base, "stvit": stvit}, input_size, settings)
     out: Dict[str, Any] = {
-        "device": _device_name(settings.device),
+        "device": _device_name(device),
         "dtype": settings.dtype,
         "batch_size": settings.batch_size,
         "bench": settings.bench,
@@ -185,27 +184,35 @@ def benchmark_pair(
     return out
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    return device
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
 
 
 def models_for_benchmark(
-    spec: str, num_semantic_tokens: int = 16, stvit_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any
-) -> "tuple[nn.Module, nn.Module, str]":
-    """``(base, stvit, source_name)`` for ``spec``: a source name (``deit_small``, a timm ViT) converted with
-    ``num_semantic_tokens``, or a saved STViT model (directory or ``hf-hub:``) with its source architecture.
+    spec: str, num_semantic_tokens: Optional[int] = None, stvit_kwargs: Optional[Dict[str, Any]] = None,
+    **kwargs: Any,
+) -> Tuple[nn.Module, nn.Module, str]:
+    """``(base, stvit, source_name)`` for ``spec``: a source name (``deit_small``, a timm ViT, ``swin_small``)
+    converted with ``num_semantic_tokens`` (``stvit_kwargs``: ``semantic_tokens_per_window`` for Swin,
+    ``recovery=True``...), or a saved STViT model (directory or ``hf-hub:``) with its source architecture,
+    which takes no conversion arguments.
 
     Weights do not matter for timing, so source models are randomly initialised (nothing is downloaded).
-    ``stvit_kwargs`` go to the conversion (``semantic_tokens_per_window`` for Swin, ``recovery=True``...).
     """
     import timm
 
     from .checkpoint import is_model_dir, load_model
     from .convert import convert_model, resolve_source_name
 
+    stvit_kwargs = dict(stvit_kwargs or {})
     if spec.startswith(("hf-hub:", "local-dir:")) or is_model_dir(spec):
+        given = sorted(k for k, v in dict(stvit_kwargs, num_semantic_tokens=num_semantic_tokens).items()
+                       if v not in (None, False))
+        if given:
+            raise InvalidArgumentError(f"{', '.join(given)} cannot apply to a saved model ({spec}): it is timed "
+                                       "as it was converted")
         stvit = load_model(spec)
         source_name = _source_from_config(spec)
         base = timm.create_model(
@@ -215,7 +222,7 @@ def models_for_benchmark(
         return base, stvit, source_name
     source_name = resolve_source_name(spec)
     base = timm.create_model(source_name.split(".")[0], pretrained=False, **kwargs)
-    stvit = convert_model(base, num_semantic_tokens=num_semantic_tokens, **(stvit_kwargs or {}))
+    stvit = convert_model(base, num_semantic_tokens=num_semantic_tokens, **stvit_kwargs)
     return base, stvit, source_name
 
 
@@ -223,14 +230,17 @@ def _source_from_config(spec: str) -> str:
     import json
 
     from .checkpoint import CONFIG_NAME, read_config
-    from .errors import CheckpointError
+    from .errors import CheckpointError, first_line
 
     if spec.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 
         repo, _, revision = spec[len("hf-hub:"):].partition("@")
-        with open(hf_hub_download(repo, CONFIG_NAME, revision=revision or None)) as f:
-            cfg = json.load(f)
+        try:  # load_model has just fetched it: this is a cache hit
+            with open(hf_hub_download(repo, CONFIG_NAME, revision=revision or None)) as f:
+                cfg = json.load(f)
+        except Exception as e:
+            raise DownloadError(f"cannot read the config of {spec}: {first_line(e)}") from None
     else:
         cfg = read_config(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec)
     source = (cfg.get("stvit") or {}).get("source_model")

@@ -15,16 +15,24 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError, DownloadError, OutputExistsError, StvitError
+from .errors import (
+    CheckpointError,
+    DownloadError,
+    InvalidArgumentError,
+    OutputExistsError,
+    StvitError,
+    first_line,
+)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -33,9 +41,6 @@ PathLike = Union[str, os.PathLike]
 # Config objects that training scripts pickle next to the weights, read as plain containers (never executed):
 # yacs' CfgNode (Swin / STViT-R checkpoints: {'model': ..., 'config': CfgNode}) is a dict subclass.
 _CONFIG_STANDINS = [(OrderedDict, "yacs.config.CfgNode"), set]
-
-# Keys under which training scripts commonly nest the state dict, most specific first.
-_STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
 
 
 @contextlib.contextmanager
@@ -54,7 +59,7 @@ def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[P
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
     except OSError as e:
-        raise StvitError(f"cannot write to {parent}: {e.strerror or e}") from None
+        raise StvitError(f"cannot write {parent}: {e.strerror or e}") from None
     try:
         yield tmp
         umask = _umask()
@@ -86,15 +91,20 @@ def _umask() -> int:
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write a file under a temporary name in the same directory, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk, a folder in the way: name the file, not the temporary name
+            raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
@@ -163,7 +173,8 @@ def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs:
 
     Directories and Hub repos are built by timm itself (``local-dir:`` / ``hf-hub:``), so this returns
     exactly what ``timm.create_model(..., pretrained=True)`` returns; errors become one-line
-    :class:`StvitError` messages. Extra keyword arguments go to ``timm.create_model`` (e.g. ``num_classes``).
+    :class:`StvitError` messages. Downloads fail at once when offline (see :func:`stvit_core.hub.require_hub`).
+    Extra keyword arguments go to ``timm.create_model`` (e.g. ``num_classes``).
     """
     import timm
 
@@ -176,68 +187,128 @@ def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs:
         return _create_from_hub(spec, pretrained=pretrained, **kwargs)
     path = Path(spec)
     if path.exists() or os.sep in spec or spec.startswith("."):
-        cfg = read_config(path)
-        if not timm.is_model(cfg["architecture"]):
-            raise CheckpointError(f"{path}: unknown architecture {cfg['architecture']!r}")
-        if pretrained and not (path / WEIGHTS_NAME).is_file() and not (path / "pytorch_model.bin").is_file():
-            raise CheckpointError(f"{path} has no weights file ({WEIGHTS_NAME})")
-        try:
-            return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
-        except StvitError:
-            raise
-        except Exception as e:  # corrupt safetensors, shape mismatch...
-            raise CheckpointError(f"cannot load {path}: {_one_line(e)}") from None
+        return _create_from_directory(path, pretrained=pretrained, **kwargs)
     if not timm.is_model(spec):
-        raise StvitError(f"unknown model {spec!r}: not a directory, 'hf-hub:' id or timm model name")
+        raise InvalidArgumentError(f"unknown model {spec!r}: not a directory, 'hf-hub:' id or timm model name")
+    if pretrained:
+        from .hub import require_pretrained_weights
+
+        require_pretrained_weights(spec)
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except Exception as e:
-        raise DownloadError(f"cannot load pretrained weights for {spec}: {_one_line(e)}") from None
+        raise DownloadError(f"cannot load pretrained weights for {spec}: {first_line(e)}") from None
+
+
+def _create_from_directory(path: Path, *, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    cfg = read_config(path)
+    if not timm.is_model(cfg["architecture"]):
+        raise CheckpointError(f"{path}: unknown architecture {cfg['architecture']!r}")
+    if pretrained and not (path / WEIGHTS_NAME).is_file() and not (path / "pytorch_model.bin").is_file():
+        raise CheckpointError(f"{path} has no weights file ({WEIGHTS_NAME})")
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+    except StvitError:
+        raise
+    except Exception as e:  # corrupt safetensors, config and weights that disagree...
+        detail = _directory_mismatch(path, cfg, kwargs) or first_line(e)
+        raise CheckpointError(f"cannot load {path}: {detail}") from None
+
+
+def _directory_mismatch(path: Path, cfg: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Optional[str]:
+    """How config.json's model and the weights file differ (keys, shapes), or None when they do not."""
+    import timm
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(cfg["architecture"], **{**(cfg.get("model_args") or {}),
+                                                              "num_classes": cfg.get("num_classes", 1000), **kwargs})
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:  # the weights file is unreadable, or the config cannot build: the original error says it
+        return None
+    mismatch = state_dict_mismatch(model.state_dict(), found)
+    return f"{CONFIG_NAME} and {WEIGHTS_NAME} disagree: {mismatch}" if mismatch else None
 
 
 def _create_from_hub(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
+    from .hub import require_hub_files
+
+    repo_id, _, revision = spec[len("hf-hub:"):].partition("@")
+    needed = [(CONFIG_NAME,), (WEIGHTS_NAME, "pytorch_model.bin")] if pretrained else [(CONFIG_NAME,)]
+    require_hub_files(repo_id, needed, revision=revision or None, what=spec)
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except Exception as e:
-        raise DownloadError(f"cannot load {spec}: {_one_line(e)}") from None
+        raise DownloadError(f"cannot load {spec}: {first_line(e)}") from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else type(e).__name__
-    return first[:400]
+def state_dict_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], limit: int = 3) -> str:
+    """What differs between two state dicts (tensors or shapes): the first missing, unexpected and mis-shaped keys.
+
+    Returns "" when they match. ``expected`` is what the model has, ``found`` what the file holds.
+    """
+    def shape(value: Any) -> Tuple[int, ...]:
+        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+    def listed(keys: list) -> str:
+        more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mis_shaped = [f"{k} (file {list(shape(found[k]))}, model {list(shape(expected[k]))})"
+                  for k in expected if k in found and shape(found[k]) != shape(expected[k])]
+    parts = [f"{label} {listed(keys)}" for label, keys in
+             (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped)) if keys]
+    return "; ".join(parts)
+
+
+def looks_like_stvit(state_dict: Mapping[str, Any]) -> bool:
+    """True for the weights of an STViT / STViT-R model (semantic token generator or dumbbell units)."""
+    return any(_STVIT_KEY.search(k) for k in state_dict)
+
+
+_STVIT_KEY = re.compile(r"(^|\.)(semantic_token_generator|semantic_blocks|units\.\d+\.generator)\.")
 
 
 def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     """Load a weights file without executing pickled code.
 
     Accepts ``.safetensors`` and torch files (``.pth``/``.pt``/``.bin``) holding a plain state dict or one
-    nested under ``model``/``state_dict``/``model_ema``/``state_dict_ema``/``module``. A ``module.`` prefix
-    (DataParallel/DDP) is removed.
+    nested under ``state_dict_ema``/``model_ema``/``state_dict``/``model`` (timm's ``load_state_dict`` picks
+    it, EMA weights first, and strips a DataParallel/DDP ``module.`` prefix).
     """
+    from timm.models import load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            with torch.serialization.safe_globals(_CONFIG_STANDINS):
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # weights_only=True, and only our config stand-ins allowed besides tensors: a checkpoint never runs code
+        with torch.serialization.safe_globals(_CONFIG_STANDINS):
+            obj: Any = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except (AttributeError, TypeError):  # loaded, but timm found no mapping to unwrap (a list, a number...)
+        obj = None
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {_one_line(e)}") from None
-    if isinstance(obj, Mapping):
-        for key in _STATE_DICT_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+        raise CheckpointError(unreadable_checkpoint_message(path, e)) from None
     if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    state_dict = dict(obj)
-    if all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
+    return dict(obj)
+
+
+def unreadable_checkpoint_message(path: PathLike, error: BaseException) -> str:
+    """One line for a weights file torch or safetensors cannot read; never torch's advice to turn safety off."""
+    # torch's weights-only unpickler names the global it refused (timm re-raises it, the original as the cause)
+    chain = [error, error.__cause__, error.__context__]
+    refused = next((m for e in chain if e is not None and (m := re.search(r"GLOBAL\s+([\w.]+)", str(e)))), None)
+    if refused:
+        return (f"refusing to load {path}: it needs the Python object {refused.group(1)}, and unpickling it could "
+                "run code (only tensors and plain containers are read); export a plain state dict or safetensors")
+    kind = "safetensors file" if str(path).endswith(".safetensors") else "PyTorch checkpoint"
+    return f"cannot read {path}: not a {kind} (or corrupt)"

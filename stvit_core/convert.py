@@ -18,8 +18,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import _one_line, load_state_dict_file
-from .errors import CheckpointError, DownloadError, InvalidArgumentError
+from .checkpoint import load_state_dict_file, looks_like_stvit, save_model, state_dict_mismatch
+from .errors import CheckpointError, DownloadError, InvalidArgumentError, first_line
 from .flops import count_flops, count_params
 
 __all__ = [
@@ -31,9 +31,14 @@ __all__ = [
     "convert_pair",
     "convert_release_checkpoint",
     "convert_swin_model",
+    "convert_to_directory",
     "convert_vit_recovery_model",
+    "default_output_name",
     "resolve_source_name",
 ]
+
+DEFAULT_TOKENS = 16  # DeiT/ViT: semantic tokens (the paper's headline setting)
+DEFAULT_TOKENS_PER_WINDOW = 9  # Swin: semantic tokens per 7x7 window (as released)
 
 # Short names accepted by the CLI -> the timm model (with pretrained tag) they stand for.
 SOURCE_ALIASES: Dict[str, str] = {
@@ -80,69 +85,42 @@ def build_source_model(
     """The source model with its weights: a local checkpoint, timm's pretrained weights, or random init."""
     import timm
 
+    from .hub import require_pretrained_weights
+
     name = resolve_source_name(name)
     if checkpoint is not None:
-        state_dict = load_state_dict_file(checkpoint)
-        head = state_dict.get("head.weight", state_dict.get("head.fc.weight"))
-        if head is not None and head.ndim == 2:
-            kwargs.setdefault("num_classes", head.shape[0])  # a fine-tuned source keeps its own head size
-        model = timm.create_model(name, pretrained=False, **kwargs)
-        try:
-            state_dict = _source_filter(model)(state_dict, model)
-            model.load_state_dict(state_dict, strict=True)
-        except Exception as e:  # a foreign layout can fail inside the family's filter too
-            raise CheckpointError(f"{checkpoint} does not fit {name}: {_mismatch_summary(e)}") from None
-        return model
+        return _source_from_checkpoint(name, checkpoint, **kwargs)
     if pretrained:
-        if not _weights_cached(name) and not _hub_reachable():
-            # fail at once instead of after huggingface_hub's minute of retries
-            raise DownloadError(
-                f"cannot download pretrained weights for {name}: the Hugging Face Hub is unreachable (offline?); "
-                "pass --checkpoint FILE for local weights or --no-pretrained"
-            )
+        hint = "; pass --checkpoint FILE for local weights or --no-pretrained"
+        require_pretrained_weights(name, hint=hint)  # fails at once offline instead of after a minute of retries
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:
-            raise DownloadError(
-                f"cannot download pretrained weights for {name} ({_one_line(e)}); "
-                "pass --checkpoint FILE for local weights or --no-pretrained"
-            ) from None
+            raise DownloadError(f"cannot download pretrained weights for {name} ({first_line(e)}){hint}") from None
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def _weights_cached(name: str) -> bool:
-    """Whether timm's pretrained weights for ``name`` are already in the local Hugging Face cache."""
+def _source_from_checkpoint(name: str, checkpoint: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
     import timm
-    from huggingface_hub import try_to_load_from_cache
 
+    state_dict = load_state_dict_file(checkpoint)
+    if looks_like_stvit(state_dict):
+        raise CheckpointError(
+            f"{checkpoint} is already an STViT model: no conversion needed; use its directory wherever a model "
+            "is taken (stvit eval / finetune / benchmark DIR, stvit_core.load_model(DIR))")
+    head = state_dict.get("head.weight", state_dict.get("head.fc.weight"))
+    if head is not None and head.ndim == 2:
+        kwargs.setdefault("num_classes", head.shape[0])  # a fine-tuned source keeps its own head size
+    model = timm.create_model(name, pretrained=False, **kwargs)
     try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:
-        return False
-    repo = getattr(cfg, "hf_hub_id", None)
-    if not repo:
-        return True  # not a Hub download (a URL or nothing); let timm decide
-    return any(
-        isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")
-    )
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP connect to the Hub endpoint (HF_ENDPOINT honoured); offline mode counts as unreachable."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        state_dict = _source_filter(model)(state_dict, model)
+    except Exception as e:  # a foreign layout can fail inside the family's filter
+        raise CheckpointError(f"{checkpoint} does not fit {name}: {first_line(e)}") from None
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"{checkpoint} does not fit {name}: {mismatch}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
 
 
 def _source_filter(model: nn.Module):
@@ -154,15 +132,6 @@ def _source_filter(model: nn.Module):
     if fn is None:
         return lambda sd, m: sd
     return fn
-
-
-def _mismatch_summary(e: Exception) -> str:
-    text = str(e)
-    for marker in ("Missing key(s)", "Unexpected key(s)", "size mismatch"):
-        idx = text.find(marker)
-        if idx >= 0:
-            return text[idx:].splitlines()[0].strip()[:300]
-    return _one_line(e)
 
 
 def _vit_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
@@ -196,30 +165,44 @@ def _vit_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return arch, args
 
 
-def convert_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs: Any) -> nn.Module:
-    """An STViT model with every weight of the timm ViT/DeiT ``source`` (see the module docstring).
+def _tokens_for_family(is_swin: bool, num_semantic_tokens: Optional[int],
+                       semantic_tokens_per_window: Optional[int]) -> None:
+    """Each family takes its own token option: the other one is refused, never silently ignored."""
+    if is_swin and num_semantic_tokens is not None:
+        raise InvalidArgumentError(
+            "num_semantic_tokens is for DeiT/ViT; Swin takes semantic_tokens_per_window (4, 9 or 16)")
+    if not is_swin and semantic_tokens_per_window is not None:
+        raise InvalidArgumentError("semantic_tokens_per_window is for Swin; DeiT/ViT take num_semantic_tokens")
 
-    Keyword arguments override the STViT architecture (``num_image_blocks``, ``semantic_token_pool``,
-    ``global_semantic_tokens``, ``global_pool``...). Preprocessing (mean, std, crop) is the source's.
+
+def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """An STViT model with every weight of the timm ViT/DeiT/Swin ``source`` (see the module docstring).
+
+    DeiT/ViT take ``num_semantic_tokens`` (default 16) and ``recovery=True`` for STViT-R; Swin takes
+    ``semantic_tokens_per_window`` (default 9). Other keyword arguments override the STViT architecture
+    (``num_image_blocks``, ``semantic_token_pool``, ``global_semantic_tokens``, ``global_pool``...).
+    Preprocessing (mean, std, crop) is the source's.
     """
     from timm.models.swin_transformer import SwinTransformer
 
     from .models.deit import checkpoint_filter_fn
 
-    if isinstance(source, SwinTransformer):
-        if kwargs.pop("recovery", True) is False:
+    is_swin = isinstance(source, SwinTransformer)
+    _tokens_for_family(is_swin, num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
+    recovery = kwargs.pop("recovery", None)
+    if is_swin:
+        if recovery is False:
             raise InvalidArgumentError("Swin converts to STViT-R only (dumbbell units in stage 3)")
         return convert_swin_model(source, **kwargs)
-    if kwargs.pop("recovery", False):
-        return convert_vit_recovery_model(source, num_semantic_tokens=num_semantic_tokens, **kwargs)
-    if kwargs.get("semantic_tokens_per_window") is not None:
-        raise InvalidArgumentError("tokens per window apply to Swin sources; use num_semantic_tokens for DeiT/ViT")
     kwargs.pop("semantic_tokens_per_window", None)
+    tokens = DEFAULT_TOKENS if num_semantic_tokens is None else num_semantic_tokens
+    if recovery:
+        return convert_vit_recovery_model(source, num_semantic_tokens=tokens, **kwargs)
     arch, args = _vit_model_args(source)
     if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
         # a different readout than the source's: keep the class token only where it is read
         args.pop("class_token")
-    args.update(kwargs, num_semantic_tokens=num_semantic_tokens)
+    args.update(kwargs, num_semantic_tokens=tokens)
     return _build_converted(source, arch, args, checkpoint_filter_fn)
 
 
@@ -232,13 +215,17 @@ def _build_converted(source: nn.Module, arch: str, args: Dict[str, Any], filter_
         state_dict = filter_fn(source.state_dict(), model)
     except ValueError as e:  # an argument the architecture cannot take, or a source of another depth
         raise InvalidArgumentError(str(e)) from None
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"conversion left weights unmatched: {_mismatch_summary(e)}") from None
+    _load_strictly(model, state_dict, "conversion left weights unmatched")
     _copy_data_config(source, model)
     model.stvit_model_args = _json_args(args)
     return model
+
+
+def _load_strictly(model: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"{what}: {mismatch}")
+    model.load_state_dict(state_dict, strict=True)
 
 
 def _json_args(args: Dict[str, Any]) -> Dict[str, Any]:
@@ -246,13 +233,13 @@ def _json_args(args: Dict[str, Any]) -> Dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
 
 
-def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = 16, **kwargs: Any) -> nn.Module:
+def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = DEFAULT_TOKENS,
+                               **kwargs: Any) -> nn.Module:
     """STViT-R-DeiT from a timm ViT/DeiT: its blocks regrouped into dumbbell units, every weight kept."""
     from .models.deit import recovery_checkpoint_filter_fn
 
-    kwargs.pop("semantic_tokens_per_window", None)
     if kwargs.pop("num_image_blocks", None) is not None:
-        raise InvalidArgumentError("--image-blocks does not apply to STViT-R (each dumbbell unit starts with one)")
+        raise InvalidArgumentError("num_image_blocks does not apply to STViT-R (each dumbbell unit starts with one)")
     _, args = _vit_model_args(source)
     arch = _DEIT_R_ARCHITECTURES.get(source.embed_dim, "stvit_r_vit_patch16_224")
     if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
@@ -282,7 +269,8 @@ def _swin_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return arch, args
 
 
-def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any) -> nn.Module:
+def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optional[int] = None,
+                       **kwargs: Any) -> nn.Module:
     """STViT-R-Swin from a timm Swin: stage 3 regrouped into dumbbell units, every surviving weight kept.
 
     The model keeps Swin's patch embedding (``stem='patch'``) unless ``stem='conv'`` is asked for (then the
@@ -290,13 +278,14 @@ def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optiona
     """
     from .models.swin import checkpoint_filter_fn
 
-    for key in ("num_image_blocks", "num_semantic_tokens"):
-        if kwargs.pop(key, None) is not None and key == "num_image_blocks":
-            raise InvalidArgumentError("--image-blocks does not apply to Swin (each dumbbell unit starts with one)")
+    _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
+    if kwargs.pop("num_image_blocks", None) is not None:
+        raise InvalidArgumentError("num_image_blocks does not apply to Swin (each dumbbell unit starts with one)")
     if kwargs.get("global_pool") not in (None, "avg"):
-        raise InvalidArgumentError("Swin reads out the average of its final map (--readout avg)")
+        raise InvalidArgumentError("Swin reads out the average of its final map (global_pool=avg)")
     arch, args = _swin_model_args(source)
-    args.update(stem="patch", semantic_tokens_per_window=semantic_tokens_per_window or 9)
+    tokens = DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None else semantic_tokens_per_window
+    args.update(stem="patch", semantic_tokens_per_window=tokens)
     args.update(kwargs)
     return _build_converted(source, arch, args, checkpoint_filter_fn)
 
@@ -305,10 +294,8 @@ def release_model_args(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """The STViT-R-Swin constructor arguments of an official release state dict (read off its shapes)."""
     import re
 
-    from .models.swin import _timm_layout
-
-    sd = _timm_layout(state_dict)
-    num_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+    sd = state_dict
+    num_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k)))
     depths = tuple(
         1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.blocks\.(\d+)\.", k)))
         for i in range(num_layers)
@@ -318,29 +305,16 @@ def release_model_args(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     window = (int(round(table ** 0.5)) + 1) // 2
     embed_dim = int(sd["layers.0.blocks.0.norm1.weight"].shape[0])
     fc1 = sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0]
-    args: Dict[str, Any] = dict(
+    head = sd.get("head.weight", sd.get("head.fc.weight"))  # the release's layout, or timm's
+    return dict(
         stem="conv", embed_dim=embed_dim, depths=depths, num_heads=heads, window_size=window,
-        mlp_ratio=fc1 / embed_dim, num_classes=int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0,
+        mlp_ratio=fc1 / embed_dim, num_classes=int(head.shape[0]) if head is not None else 0,
         global_semantic_tokens=any(k.endswith("semantic_token2") for k in sd),
     )
-    return args
 
 
-def convert_release_checkpoint(
-    state_dict: Dict[str, Any], source_name: str, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any
-) -> nn.Module:
-    """An official STViT-R-Swin release state dict -> our model with identical outputs (conv stem)."""
-    import timm
-
-    from .models.swin import checkpoint_filter_fn
-
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
-            state_dict = state_dict[key]
-    try:
-        args = release_model_args(state_dict)
-    except (KeyError, ValueError, IndexError) as e:
-        raise CheckpointError(f"incomplete STViT-R release checkpoint (missing {e})") from None
+def _release_architecture(args: Dict[str, Any], source_name: str) -> str:
+    """The registered STViT-R-Swin whose stage depths the release checkpoint has; it must be ``source_name``'s."""
     base = source_name.split(".")[0]
     alias = next((a for a, full in SOURCE_ALIASES.items() if full.split(".")[0] == base), base)
     arch = _SWIN_ARCHITECTURES.get((args["embed_dim"], args["depths"]))
@@ -352,20 +326,42 @@ def convert_release_checkpoint(
             f"the checkpoint is an STViT-R-Swin with embed_dim {args['embed_dim']} and depths "
             f"{args['depths']}, which does not match {alias}"
         )
+    return arch
+
+
+def convert_release_checkpoint(
+    state_dict: Dict[str, Any], source_name: str, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any
+) -> nn.Module:
+    """An official STViT-R-Swin release state dict -> our model with identical outputs (conv stem).
+
+    ``state_dict`` is the release's ``model`` entry (what :func:`stvit_core.checkpoint.load_state_dict_file`
+    returns for the release ``.pth``).
+    """
+    import timm
+
+    from .models.swin import checkpoint_filter_fn
+
+    _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
+    try:
+        args = release_model_args(state_dict)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"incomplete STViT-R release checkpoint (missing {e})") from None
+    if kwargs.get("num_classes", args["num_classes"]) != args["num_classes"]:
+        raise InvalidArgumentError(f"num_classes: the release checkpoint's head has {args['num_classes']} classes; "
+                                   "convert it as it is, then fine-tune with a new head")
+    arch = _release_architecture(args, source_name)
     if args["global_semantic_tokens"] and semantic_tokens_per_window is None:
         n = next(v for k, v in state_dict.items() if k.endswith("semantic_token2")).shape[1]
         semantic_tokens_per_window = n // 4  # released for 224 px: 2x2 windows in stage 3
-    args["semantic_tokens_per_window"] = semantic_tokens_per_window or 9
+    args["semantic_tokens_per_window"] = (DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None
+                                          else semantic_tokens_per_window)
     args.update(kwargs)
     try:
         model = timm.create_model(arch, pretrained=False, **args)
         filtered = checkpoint_filter_fn(state_dict, model)
     except ValueError as e:
         raise CheckpointError(f"cannot convert the release checkpoint: {e}") from None
-    try:
-        model.load_state_dict(filtered, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"release checkpoint does not fit {arch}: {_mismatch_summary(e)}") from None
+    _load_strictly(model, filtered, f"release checkpoint does not fit {arch}")
     # the release evaluates as Swin does: bicubic resize to 256, centre crop 224, ImageNet mean/std
     model.pretrained_cfg = dict(model.pretrained_cfg, crop_pct=0.875, interpolation="bicubic")
     model.stvit_model_args = _json_args(args)
@@ -387,7 +383,7 @@ def _copy_data_config(source: nn.Module, model: nn.Module) -> None:
 def convert(
     source: str = "deit_small",
     *,
-    num_semantic_tokens: int = 16,
+    num_semantic_tokens: Optional[int] = None,
     pretrained: bool = True,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     source_kwargs: Optional[Dict[str, Any]] = None,
@@ -407,7 +403,7 @@ def convert(
 def convert_pair(
     source: str,
     *,
-    num_semantic_tokens: int = 16,
+    num_semantic_tokens: Optional[int] = None,
     pretrained: bool = True,
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     source_kwargs: Optional[Dict[str, Any]] = None,
@@ -421,14 +417,16 @@ def convert_pair(
     import timm
 
     name = resolve_source_name(source)
+    _tokens_for_family(name.startswith("swin"), num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
     if checkpoint is not None and name.startswith("swin_"):
         from .models.swin import is_release_state_dict
 
         state_dict = load_state_dict_file(checkpoint)
         if is_release_state_dict(state_dict):
-            model = convert_release_checkpoint(state_dict, name, **kwargs)
+            model = convert_release_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
             with torch.device("meta"):
-                base = timm.create_model(name.split(".")[0], pretrained=False, num_classes=model.num_classes)
+                base = timm.create_model(name.split(".")[0], pretrained=False, num_classes=model.num_classes,
+                                         img_size=model.patch_embed.img_size)
             return base, model
     src = build_source_model(name, pretrained=pretrained, checkpoint=checkpoint, **(source_kwargs or {}))
     return src, convert_model(src, num_semantic_tokens=num_semantic_tokens, **kwargs)
@@ -447,4 +445,71 @@ def conversion_metadata(source: nn.Module, model: nn.Module, *, source_name: str
         "base_params_m": round(count_params(source) / 1e6, 3),
         "base_gflops": round(count_flops(source, input_size), 4),
         "input_size": list(input_size) if input_size else None,
+    }
+
+
+def default_output_name(model: str, *, num_semantic_tokens: Optional[int] = None,
+                        semantic_tokens_per_window: Optional[int] = None, recovery: bool = False) -> str:
+    """``stvit-MODEL-tTOKENS`` (DeiT/ViT), ``stvit-r-MODEL-tTOKENS`` (``recovery``), ``stvit-r-MODEL-wTOKENS`` (Swin).
+
+    MODEL is the name as given (``/`` replaced by ``_``); the tokens are the ones the model will have.
+    """
+    if resolve_source_name(model).startswith("swin"):
+        per_window = DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None else semantic_tokens_per_window
+        return f"stvit-r-{model.replace('/', '_')}-w{per_window}"
+    tokens = DEFAULT_TOKENS if num_semantic_tokens is None else num_semantic_tokens
+    return f"{'stvit-r' if recovery else 'stvit'}-{model.replace('/', '_')}-t{tokens}"
+
+
+def convert_to_directory(
+    model: str,
+    output: Optional[Union[str, os.PathLike]] = None,
+    *,
+    num_semantic_tokens: Optional[int] = None,
+    semantic_tokens_per_window: Optional[int] = None,
+    recovery: bool = False,
+    pretrained: bool = True,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    source_kwargs: Optional[Dict[str, Any]] = None,
+    force: bool = False,
+    **kwargs: Any,
+) -> Dict[str, Any]:
+    """``stvit convert``: convert ``model`` and save it to ``output`` (default :func:`default_output_name`).
+
+    Every argument is checked before anything is downloaded or written; ``kwargs`` go to the STViT
+    architecture. Returns the summary ``stvit convert --json`` prints.
+    """
+    from pathlib import Path
+
+    from .errors import OutputExistsError
+
+    name = resolve_source_name(model)
+    _tokens_for_family(name.startswith("swin"), num_semantic_tokens, semantic_tokens_per_window)
+    if recovery and name.startswith("swin"):
+        raise InvalidArgumentError("recovery=True is for DeiT/ViT; Swin always converts to STViT-R")
+    output = Path(output) if output is not None else Path(default_output_name(
+        model, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
+        recovery=recovery))
+    if output.exists() and not force:  # fail before any download or conversion
+        raise OutputExistsError(f"{output} already exists (use --force to overwrite)")
+    if semantic_tokens_per_window is not None:
+        kwargs["semantic_tokens_per_window"] = semantic_tokens_per_window
+    if recovery:
+        kwargs["recovery"] = True
+    source, stvit = convert_pair(name, num_semantic_tokens=num_semantic_tokens, pretrained=pretrained,
+                                 checkpoint=checkpoint, source_kwargs=source_kwargs, **kwargs)
+    metadata = conversion_metadata(source, stvit, source_name=name)
+    metadata["source_weights"] = str(checkpoint) if checkpoint else (f"timm/{name}" if pretrained else "random")
+    save_model(stvit, output, force=force, metadata=metadata)
+    return {
+        "model": metadata["architecture"],
+        "source_model": name,
+        "tokens": metadata["num_semantic_tokens"],
+        "tokens_per_window": metadata["semantic_tokens_per_window"],
+        "params_m": metadata["params_m"],
+        "base_params_m": metadata["base_params_m"],
+        "gflops": metadata["gflops"],
+        "base_gflops": metadata["base_gflops"],
+        "flops_reduction": round(1 - metadata["gflops"] / metadata["base_gflops"], 4),
+        "output": str(output),
     }

@@ -1,4 +1,14 @@
-"""Typed errors. Library code raises these; the CLI turns each into one line and an exit code."""
+"""Typed errors. Library code raises these; the CLI turns each into one line and an exit code.
+
+Also the two helpers that make one line out of a foreign exception (``first_line``) or an operating-system
+error (``describe_os_error``). This module imports nothing heavy, so the CLI can use it on any error path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Union
 
 
 class StvitError(Exception):
@@ -33,3 +43,42 @@ class TrainingInterrupted(StvitError):
     """SIGINT/SIGTERM arrived during training; a checkpoint was saved and the run stopped cleanly."""
 
     exit_code = 130
+
+
+def first_line(error: Union[BaseException, str], limit: int = 300) -> str:
+    """The first non-empty line of an error (or text), at most ``limit`` characters; the class name if empty."""
+    text = str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines:
+        return lines[0][:limit]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+# errno values that can only come from writing (or creating) something
+_WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EEXIST, errno.ENOTEMPTY}
+
+
+def describe_os_error(error: OSError) -> str:
+    """``cannot write PATH: REASON`` (or ``cannot read``) for an OSError, without a traceback's worth of detail.
+
+    Whether it was a read or a write is told from the error: a missing file whose folder exists, or an
+    existing file that cannot be read, was being read; anything else (no permission to create, disk full,
+    read-only file system, a file where a folder should be) was a write.
+    """
+    reason = error.strerror or first_line(error) or type(error).__name__
+    path = error.filename
+    if path is None:
+        return reason
+    path = os.fsdecode(path)
+    verb = "read" if _is_read(error, path) else "write"
+    return f"cannot {verb} {path}: {reason}"
+
+
+def _is_read(error: OSError, path: str) -> bool:
+    if error.errno in _WRITE_ERRNOS:
+        return False
+    if error.errno == errno.ENOENT:
+        return os.path.isdir(os.path.dirname(os.path.abspath(path)))
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return os.path.exists(path) and not os.access(path, os.R_OK)
+    return False

@@ -4,10 +4,12 @@ Everything goes through ``huggingface_hub`` (``create_repo``, ``create_commit``,
 so authentication, retries, LFS and caching behave exactly as for any other Hub library:
 
 * token: the explicit ``token`` argument, else ``HF_TOKEN``, else the login saved by ``hf auth login``;
-* endpoint: the explicit ``endpoint`` argument, else ``HF_ENDPOINT``, else https://huggingface.co.
-  For any other endpoint (a self-hosted Hub, a mirror, the tests' loopback server) xet storage is turned
-  off, because xet uploads only work against huggingface.co. ``stvit_cli`` also sets
-  ``HF_HUB_DISABLE_XET=1`` when it is imported, before huggingface_hub reads its environment.
+* endpoint: the explicit ``endpoint`` argument, else huggingface_hub's ``constants.ENDPOINT`` (``HF_ENDPOINT``,
+  read when huggingface_hub is imported), else https://huggingface.co. For any other endpoint (a self-hosted
+  Hub, a mirror, the tests' loopback server) xet storage is turned off, because xet only works against
+  huggingface.co;
+* offline: every download first passes :func:`require_hub`, which fails at once, in one line, when offline
+  mode is on or the endpoint is unreachable (huggingface_hub alone retries for about 45 s).
 
 Tokens never leave this module in a result, a model card or an error message: every error is turned
 into a one-line :class:`HubError` with the token scrubbed out.
@@ -21,21 +23,18 @@ import json
 import logging
 import os
 import re
-import string
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 from urllib.parse import urlsplit
 
-import yaml
-
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_directory, load_model, read_config
-from .errors import CheckpointError, DownloadError, InvalidArgumentError, StvitError
+from .errors import CheckpointError, DownloadError, InvalidArgumentError, StvitError, first_line
 
 _logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
-DEFAULT_ENDPOINT = "https://huggingface.co"
 MODEL_CARD_NAME = "README.md"
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 # Evaluation results and training configuration that travel with the weights (top level of MODEL_DIR).
@@ -83,10 +82,12 @@ class PullResult:
         return asdict(self)
 
 
-# --- endpoint and token ---------------------------------------------------------------------------------
+# --- endpoint, token, reachability ---------------------------------------------------------------------
 def resolve_endpoint(endpoint: Optional[str] = None) -> str:
-    """The Hub URL to talk to: ``endpoint``, else ``HF_ENDPOINT``, else huggingface.co (no trailing /)."""
-    return (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    """The Hub URL to talk to: ``endpoint``, else huggingface_hub's own (``HF_ENDPOINT``, read when it is imported)."""
+    from huggingface_hub import constants
+
+    return (endpoint or constants.ENDPOINT).rstrip("/")
 
 
 def is_huggingface_endpoint(endpoint: str) -> bool:
@@ -97,9 +98,8 @@ def is_huggingface_endpoint(endpoint: str) -> bool:
 def disable_xet_unless_huggingface(endpoint: str) -> None:
     """Turn xet storage off for self-hosted endpoints (it only works against huggingface.co).
 
-    huggingface_hub reads ``HF_HUB_DISABLE_XET`` when it is imported; its upload and download code then
-    checks ``huggingface_hub.constants.HF_HUB_DISABLE_XET`` on every call, so setting both here also
-    works when huggingface_hub was imported earlier (timm imports it).
+    huggingface_hub checks ``constants.HF_HUB_DISABLE_XET`` on every upload and download, so setting it here
+    works whenever huggingface_hub was imported; the environment variable is set too, for child processes.
     """
     if is_huggingface_endpoint(endpoint):
         return
@@ -125,17 +125,73 @@ def scrub(text: str, token: Optional[str] = None) -> str:
     return _TOKEN_PATTERN.sub("hf_***", text)
 
 
+def endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A quick TCP connect to ``endpoint``'s host and port."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def require_hub(what: str, *, endpoint: Optional[str] = None, hint: str = "") -> str:
+    """Fail at once, in one line, when the Hub cannot be used; returns the endpoint otherwise.
+
+    Every download of stvit goes through here first (``load_model('hf-hub:...')``, pretrained timm weights,
+    ``stvit convert``'s source weights, ``pull``): without it huggingface_hub retries for about 45 s when the
+    network is down before failing with a generic message. Offline mode (``HF_HUB_OFFLINE=1``) is named as
+    such. ``what`` names the download in the message, ``hint`` is appended to it.
+    """
+    from huggingface_hub import constants
+
+    endpoint = resolve_endpoint(endpoint)
+    if constants.HF_HUB_OFFLINE:
+        raise DownloadError(f"cannot download {what}: offline mode is on (HF_HUB_OFFLINE=1) and it is not in the "
+                            f"local cache{hint}")
+    if not endpoint_reachable(endpoint):
+        raise DownloadError(f"cannot download {what}: cannot connect to {endpoint}, the Hub is unreachable "
+                            f"(offline? check HF_ENDPOINT){hint}")
+    disable_xet_unless_huggingface(endpoint)
+    return endpoint
+
+
+def require_hub_files(repo_id: str, needed: Sequence[Sequence[str]], *, revision: Optional[str] = None,
+                      what: Optional[str] = None, hint: str = "") -> None:
+    """:func:`require_hub`, unless the local cache already holds one file of every group in ``needed``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
+        except ValueError:  # a malformed repo id: let the download raise its own error
+            return False
+
+    if not all(any(cached(f) for f in group) for group in needed):
+        require_hub(what or repo_id, hint=hint)
+
+
+def require_pretrained_weights(model_name: str, hint: str = "") -> None:
+    """:func:`require_hub_files` for the pretrained weights timm downloads for ``model_name`` from the Hub."""
+    import timm
+
+    try:
+        repo_id = getattr(timm.models.get_pretrained_cfg(model_name), "hf_hub_id", None)
+    except Exception:  # an unknown tag: timm raises its own error
+        return
+    if repo_id:  # weights at a plain URL (or none at all) are timm's business
+        require_hub_files(repo_id, [(WEIGHTS_NAME, "pytorch_model.bin")],
+                          what=f"pretrained weights for {model_name}", hint=hint)
+
+
 # --- errors ---------------------------------------------------------------------------------------------
-def _chain(e: BaseException) -> Iterator[BaseException]:
+def _chain(e: Optional[BaseException]) -> Iterator[BaseException]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
         e = e.__cause__ or e.__context__
-
-
-def _class_names(e: BaseException) -> set:
-    return {cls.__name__ for cls in type(e).__mro__}
 
 
 def _status_of(e: BaseException) -> Optional[int]:
@@ -145,47 +201,49 @@ def _status_of(e: BaseException) -> Optional[int]:
 
 def _describe(e: BaseException, *, repo_id: str, revision: Optional[str], endpoint: str) -> str:
     """One line saying what went wrong, for any error huggingface_hub or its HTTP client raises."""
+    from huggingface_hub import errors as hf
+
     chain = list(_chain(e))
-    names = set().union(*(_class_names(x) for x in chain))
+
+    def find(*types: type) -> Optional[BaseException]:
+        return next((x for x in chain if isinstance(x, types)), None)
+
     status = next((s for s in map(_status_of, chain) if s is not None), None)
     rev = revision or "main"
-    # Connection problems first: huggingface_hub wraps them (e.g. in LocalEntryNotFoundError).
-    if names & {"ConnectError", "ConnectionError", "ConnectTimeout", "NewConnectionError"}:
-        return f"cannot connect to {endpoint}: connection refused or host unreachable (check HF_ENDPOINT)"
-    if names & {"TimeoutException", "Timeout", "ReadTimeout"}:
-        return f"timed out talking to {endpoint}"
-    if "OfflineModeIsEnabled" in names:
-        return f"HF_HUB_OFFLINE is set, so {endpoint} is not contacted (and {repo_id}@{rev} is not cached)"
-    if "RevisionNotFoundError" in names:
-        return f"revision {rev!r} not found in {repo_id} (HTTP 404)"
-    if "LocalTokenNotFoundError" in names:
+    if find(hf.OfflineModeIsEnabled):
+        return f"offline mode is on (HF_HUB_OFFLINE=1), so {endpoint} is not contacted and {repo_id}@{rev} is not cached"
+    if find(hf.LocalTokenNotFoundError):
         return "no Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
-    if status == 401 and "RepositoryNotFoundError" not in names:
+    # Transport failures: the HTTP client (requests, httpx...) wraps the socket error, which is a builtin.
+    if find(ConnectionRefusedError, socket.gaierror):
+        return f"cannot connect to {endpoint}: connection refused or host unreachable (check HF_ENDPOINT)"
+    if find(TimeoutError):
+        return f"timed out talking to {endpoint}"
+    if find(hf.RevisionNotFoundError):
+        return f"revision {rev!r} not found in {repo_id} (HTTP 404)"
+    if status == 401 and not find(hf.RepositoryNotFoundError):
         return ("authentication failed (HTTP 401): the token is invalid or expired; pass --token, set HF_TOKEN "
                 "or run `hf auth login`")
-    if "RepositoryNotFoundError" in names or "GatedRepoError" in names:
+    if find(hf.RepositoryNotFoundError, hf.GatedRepoError):
         return (f"repository {repo_id} not found on {endpoint} (HTTP {status or 404}); if it is private, "
                 "use a token that can read it")
-    if "RemoteEntryNotFoundError" in names or ("EntryNotFoundError" in names and status == 404):
+    if find(hf.EntryNotFoundError) and status == 404:
         return f"a file is missing in {repo_id}@{rev} (HTTP 404)"
     if status == 403:
         return f"permission denied (HTTP 403): the token cannot write to {repo_id}"
-    if names & {"RemoteProtocolError", "NetworkError", "ChunkedEncodingError"}:
-        return f"the connection to {endpoint} was dropped and retries did not help: {_first_line(chain[-1])}"
     if status is not None:
-        return f"the Hub refused the request (HTTP {status}): {_first_line(e)}"
-    return f"{type(e).__name__}: {_first_line(e)}"
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
+        return f"the Hub refused the request (HTTP {status}): {first_line(e)}"
+    if find(hf.HTTPError, ConnectionError):  # no answer at all: the client's retries ran out
+        return f"the connection to {endpoint} was dropped and retries did not help: {first_line(chain[-1])}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 @contextlib.contextmanager
 def _hub_errors(action: str, *, repo_id: str, revision: Optional[str], endpoint: str,
                 token: Optional[str]) -> Iterator[None]:
     """Turn anything raised while talking to the Hub into one scrubbed line."""
+    from huggingface_hub.errors import HFValidationError
+
     try:
         yield
     except StvitError as e:
@@ -194,8 +252,8 @@ def _hub_errors(action: str, *, repo_id: str, revision: Optional[str], endpoint:
         raise
     except Exception as e:  # huggingface_hub and its HTTP client raise many unrelated types
         _logger.debug("%s failed: %s", action, scrub(repr(e), token))
-        if "HFValidationError" in _class_names(e):  # a malformed repo id or revision
-            raise InvalidArgumentError(scrub(f"{action} failed: {_first_line(e)}", token)) from None
+        if isinstance(e, HFValidationError):  # a malformed repo id or revision
+            raise InvalidArgumentError(scrub(f"{action} failed: {first_line(e)}", token)) from None
         message = _describe(e, repo_id=repo_id, revision=revision, endpoint=endpoint)
         raise HubError(scrub(f"{action} failed: {message}", token)) from None
 
@@ -249,9 +307,11 @@ def read_eval_results(model_dir: PathLike) -> Optional[Dict[str, Any]]:
             continue
         for record in records:
             if isinstance(record, dict) and _pick(record, _TOP1_KEYS) is not None:
-                return {"top1": _pick(record, _TOP1_KEYS), "top5": _pick(record, _TOP5_KEYS),
-                        "dataset": record.get("dataset") or outer.get("dataset"),
-                        "file": path.name}
+                found = {"top1": _pick(record, _TOP1_KEYS), "top5": _pick(record, _TOP5_KEYS),
+                         "dataset": record.get("dataset") or outer.get("dataset"), "file": path.name}
+                found.update({k: record.get(k) or outer.get(k) for k in ("split", "num_images")
+                              if record.get(k) or outer.get(k)})
+                return found
     return None
 
 
@@ -271,34 +331,54 @@ def _count_params(weights: Path) -> Optional[int]:
         return None
 
 
-def _base_model_id(source: Optional[str]) -> Optional[str]:
-    """A Hub id for the source model: timm names become ``timm/NAME``, ``hf-hub:`` prefixes are dropped."""
-    if not source:
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _base_model_id(meta: Dict[str, Any]) -> Optional[str]:
+    """The Hub id of the model the weights came from: timm names become ``timm/NAME``.
+
+    None when there is none on the Hub: random source weights, a local directory, a description.
+    """
+    source = meta.get("source_model")
+    if not source or meta.get("source_weights") == "random":
         return None
     source = str(source)
     for prefix in ("hf-hub:", "hf_hub:", "timm:"):
         if source.startswith(prefix):
             source = source[len(prefix):]
     source = source.split("@")[0]
-    if os.sep in source and Path(source).exists():
-        return None  # a local directory is not a Hub model
+    if not _REPO_ID.match(source):
+        return None
     return source if "/" in source else f"timm/{source}"
+
+
+def _dataset_id(value: Any) -> Optional[str]:
+    """A dataset name as the Hub writes it (``imagenet-1k``, ``org/name``); None for a local folder path."""
+    value = str(value or "")
+    return value if _REPO_ID.match(value) else None
 
 
 def _datasets(meta: Dict[str, Any], pretrained_cfg: Dict[str, Any], evaluation: Optional[dict]) -> List[str]:
     if meta.get("datasets"):
         value = meta["datasets"]
         return [value] if isinstance(value, str) else list(value)
-    if meta.get("dataset"):
-        return [str(meta["dataset"])]
-    if evaluation and evaluation.get("dataset"):
-        return [str(evaluation["dataset"])]
+    for candidate in (meta.get("dataset"), _finetuned(meta).get("dataset"), (evaluation or {}).get("dataset")):
+        if _dataset_id(candidate):
+            return [_dataset_id(candidate)]
     tag = str(meta.get("source_model") or pretrained_cfg.get("tag") or "")
     if "in22k" in tag or "in21k" in tag:
         return ["imagenet-21k"] + (["imagenet-1k"] if "in1k" in tag else [])
     if "in1k" in tag:
         return ["imagenet-1k"]
     return []
+
+
+def _finetuned(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """config.json's ``stvit.finetuned`` (written by ``stvit finetune``) as a dict; ``{}`` when not fine-tuned."""
+    value = meta.get("finetuned")
+    if isinstance(value, dict):
+        return value
+    return {"dataset": None} if value else {}
 
 
 def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
@@ -310,76 +390,106 @@ def _fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
         return str(value)
 
 
-def render_model_card(model_dir: PathLike, repo_id: str, *, files: Optional[List[str]] = None) -> str:
-    """The README.md for ``model_dir``: Hub front matter + a body from ``templates/model_card.md``."""
-    model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
-    meta = dict(cfg.get("stvit") or {})
-    pretrained_cfg = dict(cfg.get("pretrained_cfg") or {})
-    evaluation = read_eval_results(model_dir)
-    architecture = cfg["architecture"]
-    base_model = _base_model_id(meta.get("source_model"))
-    license_ = meta.get("license") or pretrained_cfg.get("license") or "other"
+def _eval_results(evaluation: Optional[dict], datasets: List[str]) -> Optional[List[Any]]:
+    """The card's model-index entries (huggingface_hub ``EvalResult``s): top-1 and top-5 on the evaluated data."""
+    from huggingface_hub import EvalResult
+
+    if not evaluation:
+        return None
+    name = str(evaluation.get("dataset") or (datasets or ["unknown"])[0])
+    dataset_type = _dataset_id(name) or "imagefolder"
+    metrics = [("Top-1 accuracy", evaluation["top1"]), ("Top-5 accuracy", evaluation.get("top5"))]
+    return [EvalResult(task_type="image-classification", task_name="Image Classification",
+                       dataset_type=dataset_type, dataset_name=name, dataset_split=evaluation.get("split"),
+                       metric_type="accuracy", metric_name=metric, metric_value=round(float(value), 3))
+            for metric, value in metrics if value is not None]
+
+
+def _card_data(cfg: Dict[str, Any], repo_id: str, evaluation: Optional[dict]) -> Any:
+    """The card's YAML front matter as huggingface_hub's ``ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
+    meta, pretrained_cfg = dict(cfg.get("stvit") or {}), dict(cfg.get("pretrained_cfg") or {})
     datasets = _datasets(meta, pretrained_cfg, evaluation)
+    license_ = meta.get("license") or pretrained_cfg.get("license") or "other"
+    return ModelCardData(
+        library_name="timm", license=str(license_).lower(), tags=["image-classification", "timm", "stvit"],
+        datasets=datasets or None, base_model=_base_model_id(meta), model_name=repo_id.split("/")[-1],
+        eval_results=_eval_results(evaluation, datasets),
+    )
 
-    front: Dict[str, Any] = {"library_name": "timm", "license": str(license_).lower(),
-                             "tags": ["image-classification", "timm", "stvit"]}
-    if datasets:
-        front["datasets"] = datasets
-    if base_model:
-        front["base_model"] = base_model
-    if evaluation:
-        metrics = [{"type": "accuracy", "value": round(evaluation["top1"], 3), "name": "Top-1 accuracy"}]
-        if evaluation.get("top5") is not None:
-            metrics.append({"type": "accuracy", "value": round(evaluation["top5"], 3), "name": "Top-5 accuracy"})
-        dataset = (datasets or ["unknown"])[0]
-        front["model-index"] = [{"name": repo_id.split("/")[-1], "results": [{
-            "task": {"type": "image-classification", "name": "Image Classification"},
-            "dataset": {"type": dataset, "name": dataset},
-            "metrics": metrics}]}]
 
+def _evaluation_text(evaluation: Optional[dict]) -> str:
+    if not evaluation:
+        return "No evaluation results were found next to the weights."
+    top5 = f", top-5 {evaluation['top5']:.2f}%" if evaluation.get("top5") is not None else ""
+    details = [str(v) for v in (evaluation.get("split") and f"{evaluation['split']} split",
+                                evaluation.get("num_images") and f"{evaluation['num_images']} images") if v]
+    on = f" on {evaluation['dataset']}" if evaluation.get("dataset") else ""
+    on += f" ({', '.join(details)})" if details else ""
+    return f"Top-1 {evaluation['top1']:.2f}%{top5}{on}, from `{evaluation['file']}`."
+
+
+def _summary_text(meta: Dict[str, Any]) -> str:
+    if not meta.get("source_model"):
+        return "A timm image classification model shared with stvit."
+    text = f"An STViT model (semantic tokens, CVPR 2023) converted from `{meta['source_model']}`"
+    if meta.get("source_weights") == "random":
+        text += " (randomly initialised)"
+    finetuned = _finetuned(meta)
+    if finetuned:
+        text += f" and fine-tuned on `{finetuned['dataset']}`" if finetuned.get("dataset") else " and fine-tuned"
+    return text + "."
+
+
+def _card_values(model_dir: Path, cfg: Dict[str, Any], repo_id: str, evaluation: Optional[dict],
+                 files: List[str]) -> Dict[str, Any]:
+    """The values the body of ``templates/model_card.md`` shows."""
+    meta, pretrained_cfg = dict(cfg.get("stvit") or {}), dict(cfg.get("pretrained_cfg") or {})
     params = meta.get("params_m")
     if params is None:
         count = _count_params(model_dir / WEIGHTS_NAME)
         params = count / 1e6 if count is not None else None
     gflops, base_gflops = meta.get("gflops"), meta.get("base_gflops")
-    speedup_parts = []
+    speedup = []
     if gflops and base_gflops:
-        speedup_parts.append(f"{float(base_gflops) / float(gflops):.2f}x fewer FLOPs")
+        speedup.append(f"{float(base_gflops) / float(gflops):.2f}x fewer FLOPs")
     if meta.get("speedup"):
-        speedup_parts.append(f"{float(meta['speedup']):.2f}x measured throughput")
-    input_size = pretrained_cfg.get("input_size") or [3, 224, 224]
+        speedup.append(f"{float(meta['speedup']):.2f}x measured throughput")
     tokens = meta.get("num_semantic_tokens") or (cfg.get("model_args") or {}).get("num_semantic_tokens")
+    per_window = meta.get("semantic_tokens_per_window")
+    base_model = _base_model_id(meta)
     base_params = meta.get("base_params_m")
-
-    if evaluation:
-        top5 = f", top-5 {evaluation['top5']:.2f}%" if evaluation.get("top5") is not None else ""
-        on = f" on {evaluation['dataset']}" if evaluation.get("dataset") else ""
-        evaluation_text = f"Top-1 {evaluation['top1']:.2f}%{top5}{on} (from `{evaluation['file']}`)."
-    else:
-        evaluation_text = "No evaluation results were found next to the weights."
-    summary = (f"An STViT model (semantic tokens, CVPR 2023) converted from `{meta['source_model']}`."
-               if meta.get("source_model") else "A timm image classification model shared with stvit.")
-    file_list = sorted(set((files or []) + [CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME]))
-    values = {
-        "front_matter": yaml.safe_dump(front, sort_keys=False, default_flow_style=False).strip(),
+    return {
         "title": f"Model card for {repo_id.split('/')[-1]}",
-        "summary": summary,
-        "architecture": architecture,
+        "summary": _summary_text(meta),
+        "architecture": cfg["architecture"],
         "base_model": f"[{base_model}](https://huggingface.co/{base_model})" if base_model else "n/a",
-        "num_semantic_tokens": tokens if tokens is not None else "n/a",
+        "num_semantic_tokens": f"{per_window} per window" if per_window else (tokens if tokens else "n/a"),
         "params": _fmt(params, 2, "M") + (f" (base {_fmt(base_params, 2, 'M')})" if base_params else ""),
-        "input_size": "x".join(str(v) for v in input_size[-2:]),
+        "input_size": "x".join(str(v) for v in (pretrained_cfg.get("input_size") or [3, 224, 224])[-2:]),
         "gflops": _fmt(gflops),
         "base_gflops": _fmt(base_gflops),
-        "speedup": ", ".join(speedup_parts) or "n/a",
+        "speedup": ", ".join(speedup) or "n/a",
         "num_classes": cfg.get("num_classes", "n/a"),
-        "evaluation": evaluation_text,
+        "evaluation": _evaluation_text(evaluation),
         "repo_id": repo_id,
         "name": repo_id.split("/")[-1],
-        "files": "\n".join(f"- `{name}`" for name in file_list),
+        "files": "\n".join(f"- `{name}`" for name in sorted(set(files + [CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME]))),
     }
-    return string.Template(TEMPLATE_PATH.read_text()).substitute(values)
+
+
+def render_model_card(model_dir: PathLike, repo_id: str, *, files: Optional[List[str]] = None) -> str:
+    """The README.md for ``model_dir``: front matter from huggingface_hub's ``ModelCardData`` (base model,
+    datasets, model-index with the evaluation), body from ``templates/model_card.md``."""
+    from huggingface_hub import ModelCard
+
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir)
+    evaluation = read_eval_results(model_dir)
+    values = _card_values(model_dir, cfg, repo_id, evaluation, list(files or []))
+    card = ModelCard.from_template(_card_data(cfg, repo_id, evaluation), template_path=str(TEMPLATE_PATH), **values)
+    return str(card)
 
 
 # --- push and pull --------------------------------------------------------------------------------------
@@ -427,13 +537,13 @@ def push_to_hub(
 
     model_dir = Path(model_dir)
     cfg = _check_model_dir(model_dir)
+    if create_pr and revision not in (None, "main"):
+        raise InvalidArgumentError("--create-pr opens a pull request against main; do not combine it with --revision")
     endpoint = resolve_endpoint(endpoint)
     disable_xet_unless_huggingface(endpoint)
     token = resolve_token(token)
     if not token:
         raise HubError("push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`")
-    if create_pr and revision not in (None, "main"):
-        raise StvitError("--create-pr opens a pull request against main; do not combine it with --revision")
 
     api = HfApi(endpoint=endpoint, token=token)
     extras = find_extra_files(model_dir)
@@ -467,12 +577,17 @@ def push_to_hub(
     )
 
 
-def _commit_of_local_dir(path: Path) -> Optional[str]:
-    """The commit huggingface_hub recorded for a ``local_dir`` download (first line of its metadata)."""
-    meta = path / ".cache" / "huggingface" / "download" / f"{CONFIG_NAME}.metadata"
-    with contextlib.suppress(OSError, IndexError):
-        return meta.read_text().splitlines()[0].strip() or None
-    return None
+def split_repo_spec(spec: str, revision: Optional[str] = None) -> "tuple[str, Optional[str]]":
+    """``[hf-hub:]REPO_ID[@REV]`` and an optional separate revision -> ``(repo_id, revision)``; two different
+    revisions are an error."""
+    if spec.startswith("hf-hub:"):
+        spec = spec[len("hf-hub:"):]
+    repo_id, at, at_revision = spec.partition("@")
+    if at:
+        if revision and revision != at_revision:
+            raise InvalidArgumentError(f"two revisions given: @{at_revision} and revision={revision}")
+        revision = at_revision
+    return repo_id, revision
 
 
 def pull_from_hub(
@@ -489,12 +604,11 @@ def pull_from_hub(
     With ``output_dir`` the files are downloaded next to it under a temporary name and renamed into place
     only once the model has loaded, so a failed pull never leaves a half-written directory.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
-    endpoint = resolve_endpoint(endpoint)
-    disable_xet_unless_huggingface(endpoint)
+    endpoint = require_hub(repo_id, endpoint=endpoint)
     token = resolve_token(token)
-    kwargs = dict(repo_id=repo_id, revision=revision, endpoint=endpoint, token=token or False)
+    kwargs = dict(repo_id=repo_id, endpoint=endpoint, token=token or False)
 
     def verify(path: Path) -> Any:
         if not (path / CONFIG_NAME).is_file():
@@ -504,19 +618,20 @@ def pull_from_hub(
         except StvitError as e:
             raise CheckpointError(f"{repo_id} was downloaded but does not load: {e}") from None
 
+    with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
+        commit = HfApi(endpoint=endpoint, token=token or False).model_info(repo_id, revision=revision).sha
     if output_dir is not None:
         final = Path(output_dir)
         with atomic_directory(final, force=force) as tmp:
             with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
-                snapshot_download(local_dir=str(tmp), **kwargs)
+                snapshot_download(local_dir=str(tmp), revision=commit, **kwargs)  # exactly the commit reported
             model = verify(tmp)
-            commit = _commit_of_local_dir(tmp)
         path = final
     else:
+        # by name, so that the cache records the branch for later (offline) hf-hub: loads
         with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
-            path = Path(snapshot_download(**kwargs))
+            path = Path(snapshot_download(revision=revision, **kwargs))
         model = verify(path)
-        commit = path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else None
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
     return PullResult(
         repo_id=repo_id,

@@ -108,16 +108,90 @@ def test_pickled_code_is_not_executed(tmp_path):
     assert not os.path.exists(marker)
 
 
-@pytest.mark.parametrize(
-    "content, match",
-    [(b"\x00garbage" * 100, "cannot read"), (None, "not found")],
-)
-def test_corrupt_or_missing_files(tmp_path, content, match):
-    path = tmp_path / "w.pth"
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=match):
+@pytest.mark.parametrize("name, content", [
+    ("garbage.pth", b"\x00garbage" * 100), ("random.pth", os.urandom(4096)), ("empty.pth", b""),
+    ("text.pth", b"epoch,loss\n1,0.5\n"), ("zip.pt", b"PK\x03\x04" + b"\x00" * 100),
+    ("weights.safetensors", b"not a safetensors header"),
+])
+def test_unreadable_files_say_so_and_never_advise_turning_safety_off(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
         load_state_dict_file(path)
+    message = str(err.value)
+    kind = "safetensors file" if name.endswith(".safetensors") else "PyTorch checkpoint"
+    assert message == f"cannot read {path}: not a {kind} (or corrupt)"
+    assert "weights_only" not in message and "EOFError" not in message
+
+
+def test_a_refused_pickle_names_the_global(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": _Exploit()}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pth: it needs the Python object posix\.system"):
+        load_state_dict_file(path)
+    assert not os.path.exists("/tmp/stvit_pwned_marker")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_state_dict_file(tmp_path / "w.pth")
+
+
+def test_ema_weights_are_preferred_and_the_release_config_object_is_read(tmp_path, tiny_model):
+    """timm's unwrapping: EMA weights first; a yacs CfgNode beside the weights (the STViT-R release) is read as
+    a plain mapping, never executed."""
+    sd = tiny_model.state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    path = tmp_path / "ema.pth"
+    torch.save({"model": sd, "model_ema": ema, "epoch": 3}, path)
+    assert all(torch.equal(v, ema[k]) for k, v in load_state_dict_file(path).items())
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"depth": 13}, "missing semantic_blocks.6.norm1.weight, semantic_blocks.6.norm1.bias, "
+                    "semantic_blocks.6.attn.qkv.weight (+9 more)"),
+    ({"num_semantic_tokens": 9}, "shape mismatch semantic_token_generator.global_tokens (file [1, 4, 48], "
+                                 "model [1, 9, 48])"),
+    ({"depth": 11}, "unexpected semantic_blocks.5.attn.proj.bias"),
+])
+def test_a_directory_whose_config_and_weights_disagree_names_the_keys(tmp_path, tiny_model, change, expected):
+    out = stvit_core.save_model(tiny_model, tmp_path / "m")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["model_args"].update(change)
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        stvit_core.load_model(out)
+    assert str(err.value).startswith(f"cannot load {out}: config.json and model.safetensors disagree: ")
+    assert expected in str(err.value)
+
+
+def test_hub_models_fail_at_once_offline_and_say_offline_mode(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from stvit_core.errors import DownloadError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    for spec in ("hf-hub:alice/stvit-x", "hf-hub:alice/stvit-x@dev", "deit_tiny_patch16_224.fb_in1k"):
+        with pytest.raises(DownloadError, match=r"offline mode is on \(HF_HUB_OFFLINE=1\)"):
+            stvit_core.load_model(spec)
+
+
+def test_hub_models_fail_at_once_when_the_endpoint_is_unreachable(monkeypatch, tmp_path):
+    import socket
+
+    from huggingface_hub import constants
+
+    from stvit_core.errors import DownloadError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(DownloadError, match=f"cannot connect to {url}"):
+        stvit_core.load_model("hf-hub:alice/stvit-x")
 
 
 def test_load_model_errors(tmp_path, tiny_model):
@@ -135,6 +209,13 @@ def test_load_model_errors(tmp_path, tiny_model):
         stvit_core.load_model(out)
     with pytest.raises(StvitError, match="unknown model"):
         stvit_core.load_model("definitely_not_a_model")
+
+
+def test_already_an_stvit_model_is_recognised(tmp_path, tiny_model):
+    from stvit_core.checkpoint import looks_like_stvit
+
+    assert looks_like_stvit(tiny_model.state_dict())
+    assert not looks_like_stvit(timm.create_model("deit_tiny_patch16_224", **TINY_VIT).state_dict())
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

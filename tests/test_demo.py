@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -24,6 +25,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "converted" / "model.safetensors").is_file()
     model = stvit_core.load_model(result["model"])
     assert model.num_semantic_tokens == 16 and model.num_classes == 10
+    # the figures it printed are kept, written atomically (no temporary file left beside them)
+    assert json.loads((out / "summary.json").read_text()) == result
+    assert not [p for p in os.listdir(out) if p.startswith(".")]
 
 
 def test_demo_refuses_a_non_empty_output(tmp_path):

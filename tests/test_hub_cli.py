@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, hub_env, make_tiny_model, run_cli, run_python
@@ -116,8 +117,11 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
     assert torch.equal(logits_of(str(path), x), expected)
 
     card = (path / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm\n") and "71.25" in card and "hf-hub:alice/stvit-tiny" in card
-    assert "base_model: timm/deit_tiny_patch16_224.fb_in1k" in card and "| Semantic tokens | 4 |" in card
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "timm" and meta["model-index"][0]["results"][0]["metrics"][0]["value"] == 71.25
+    assert "hf-hub:alice/stvit-tiny" in card and "| Semantic tokens | 4 |" in card
+    # converted with --no-pretrained: random weights have no base model on the Hub
+    assert "base_model" not in meta and "(randomly initialised)" in card
 
 
 @pytest.mark.slow

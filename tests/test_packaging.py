@@ -29,7 +29,7 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     assert "stvit_core/templates/model_card.md" in names
     assert any(n.endswith("entry_points.txt") for n in names)
     metadata = zipfile.ZipFile(wheels[0]).read(next(n for n in names if n.endswith("METADATA"))).decode()
-    for requirement in ("torch", "timm", "click", "huggingface-hub", "safetensors", "tqdm"):
+    for requirement in ("torch", "timm", "click", "huggingface-hub", "safetensors", "tqdm", "jinja2"):
         assert f"Requires-Dist: {requirement}" in metadata
 
     # A fresh environment. Its dependencies (torch, timm, ... several GB) are borrowed from this one through a

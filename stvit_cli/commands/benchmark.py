@@ -2,56 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 import click
 
-from ._common import echo_json
+from ._common import (
+    device_option,
+    echo_json,
+    json_option,
+    positive_float,
+    positive_int,
+    source_model_options,
+)
 
 
 @click.command()
-@click.argument("model")
-@click.option("--tokens", "num_semantic_tokens", type=int, default=16, show_default=True,
-              help="Semantic tokens when MODEL is a source name (ignored for saved models).")
-@click.option("--tokens-per-window", "tokens_per_window", type=int, default=None,
-              help="Swin sources: semantic tokens per window (4, 9 or 16) [default: 9].")
-@click.option("--recovery", is_flag=True, help="DeiT/ViT sources: time STViT-R (dumbbell units) instead.")
-@click.option("--batch-size", "-b", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@source_model_options
+@click.option("--batch-size", "-b", type=positive_int(), default=32, show_default=True, metavar="N",
+              help="Images per step, the same for both models.")
+@device_option
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Autocast dtype (float32 = no autocast).")
 @click.option("--bench", type=click.Choice(["inference", "train", "both"]), default="inference", show_default=True,
               help="train = forward + backward + AdamW step.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile both models.")
-@click.option("--cuda-graphs", is_flag=True, help="torch.compile(mode='reduce-overhead') (CUDA graphs).")
+@click.option("--cuda-graphs", is_flag=True, help="torch.compile(mode='reduce-overhead') (CUDA graphs); needs CUDA.")
 @click.option("--channels-last", is_flag=True, help="Channels-last input and weights (conv stems).")
-@click.option("--rounds", type=int, default=5, show_default=True, help="Alternating timing rounds (median taken).")
-@click.option("--round-time", type=float, default=1.0, show_default=True, help="Seconds of work per model per round.")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def benchmark(
-    model: str,
-    num_semantic_tokens: int,
-    tokens_per_window: Optional[int],
-    recovery: bool,
-    batch_size: int,
-    device: str,
-    dtype: str,
-    bench: str,
-    compile_: bool,
-    cuda_graphs: bool,
-    channels_last: bool,
-    rounds: int,
-    round_time: float,
-    threads: Optional[int],
-    as_json: bool,
-) -> None:
+@click.option("--rounds", type=positive_int(), default=5, show_default=True, metavar="N",
+              help="Alternating timing rounds (the median is reported).")
+@click.option("--round-time", type=positive_float(), default=1.0, show_default=True, metavar="SECONDS",
+              help="Seconds of work per model per round.")
+@click.option("--threads", type=positive_int(), default=None, show_default="torch's choice", metavar="N",
+              help="CPU threads for torch.")
+@json_option
+def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
+              recovery: bool, batch_size: int, device: Optional[str], dtype: str, bench: str, compile_: bool,
+              cuda_graphs: bool, channels_last: bool, rounds: int, round_time: float, threads: Optional[int],
+              as_json: bool) -> None:
     """Time MODEL's base version and its STViT version with identical settings.
 
     MODEL is a source name (deit_tiny | deit_small | deit_base | swin_tiny | swin_small | swin_base | a timm
-    DeiT/ViT/Swin name), converted on the fly with --tokens (--tokens-per-window for Swin), or a saved STViT model (directory or hf-hub:org/name) compared with its source
-    architecture. Weights are random (timing does not depend on them); nothing is downloaded for source
-    names. Warm-up is excluded and the models alternate, so noise hits both.
+    DeiT/ViT/Swin name), converted on the fly with --tokens (--tokens-per-window for Swin), or a saved STViT
+    model (directory or hf-hub:org/name) compared with its source architecture. Weights are random (timing
+    does not depend on them); nothing is downloaded for source names. Warm-up is excluded and the models
+    alternate, so noise hits both.
 
     \b
     Examples:
@@ -65,7 +59,7 @@ def benchmark(
 
     from stvit_core.benchmark import BenchmarkSettings, benchmark_pair, check_settings, models_for_benchmark
 
-    if threads:
+    if threads is not None:
         torch.set_num_threads(threads)
     runs = [
         BenchmarkSettings(
@@ -76,37 +70,36 @@ def benchmark(
     ]
     for settings in runs:
         check_settings(settings)  # before building models: bad input fails at once
-    stvit_kwargs: dict = {}
-    if tokens_per_window is not None:
-        stvit_kwargs["semantic_tokens_per_window"] = tokens_per_window
-    if recovery:
-        stvit_kwargs["recovery"] = True
-    base, stvit, source_name = models_for_benchmark(model, num_semantic_tokens, stvit_kwargs=stvit_kwargs)
+    stvit_kwargs = {"semantic_tokens_per_window": semantic_tokens_per_window, "recovery": recovery or None}
+    base, stvit, source_name = models_for_benchmark(
+        model, num_semantic_tokens, stvit_kwargs={k: v for k, v in stvit_kwargs.items() if v is not None})
     results = []
     for settings in runs:
         result = benchmark_pair(base, stvit, settings)
-        result = {"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
-                  "tokens": getattr(stvit, "num_semantic_tokens", None),
-                  "tokens_per_window": getattr(stvit, "semantic_tokens_per_window", None), **result}
-        results.append(result)
+        results.append({"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
+                        "tokens": getattr(stvit, "num_semantic_tokens", None),
+                        "tokens_per_window": getattr(stvit, "semantic_tokens_per_window", None), **result})
     if as_json:
         echo_json(results[0] if len(results) == 1 else results)
         return
     for r in results:
-        _print_table(r)
+        click.echo(format_table(r))
 
 
-def _print_table(r: dict) -> None:
+def format_table(r: Dict[str, Any]) -> str:
+    """The human-readable result: a settings line, one row per model (columns fit the longest name), speedup."""
     mem = lambda v: "n/a" if v is None else f"{v:.0f}"  # noqa: E731
-    click.echo(
+    tok = f"{r['tokens_per_window']} tok/window" if r.get("tokens_per_window") else f"{r['tokens']} tok"
+    rows = [(r["model"], r["base"]), (f"{r['stvit_model']} ({tok})", r["stvit"])]
+    width = max(len("model"), *(len(name) for name, _ in rows))
+    lines: List[str] = [
         f"{r['bench']} | {r['device']} | {r['dtype']} | batch {r['batch_size']}"
         f"{' | compiled' if r['compile'] else ''}{' | cuda graphs' if r['cuda_graphs'] else ''}"
-        f" | torch {r['torch']} | {r['threads']} threads"
-    )
-    click.echo(f"{'model':<34} {'params(M)':>10} {'GFLOPs':>8} {'img/s':>10} {'peak MB':>8}")
-    tok = f"{r['tokens_per_window']} tok/window" if r.get("tokens_per_window") else f"{r['tokens']} tok"
-    for key, name in (("base", r["model"]), ("stvit", f"{r['stvit_model']} ({tok})")):
-        m = r[key]
-        click.echo(f"{name:<34} {m['params_m']:>10.2f} {m['gflops']:>8.2f} {m['img_per_sec']:>10.1f} "
-                   f"{mem(m['peak_memory_mb']):>8}")
-    click.echo(f"speedup {r['speedup']:.2f}x   (FLOPs ratio {r['flops_ratio']:.2f}x)")
+        f" | torch {r['torch']} | {r['threads']} threads",
+        f"{'model':<{width}} {'params(M)':>10} {'GFLOPs':>8} {'img/s':>10} {'peak MB':>8}",
+    ]
+    for name, m in rows:
+        lines.append(f"{name:<{width}} {m['params_m']:>10.2f} {m['gflops']:>8.2f} {m['img_per_sec']:>10.1f} "
+                     f"{mem(m['peak_memory_mb']):>8}")
+    lines.append(f"speedup {r['speedup']:.2f}x   (FLOPs ratio {r['flops_ratio']:.2f}x)")
+    return "\n".join(lines)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Optional
 
 import click
 
+from ._common import RecordingGroup, device_option, echo_json, json_option, model_option, non_negative_int, positive_int
+
 
 def _common_options(func):
     options = [
-        click.option("--model", "-m", "model_spec", required=True,
-                     help="Model directory, hf-hub:org/name or timm name (with its pretrained weights)."),
-        click.option("--data", "-d", required=True, help="Folder of class folders (or a root with val/)."),
-        click.option("--batch-size", "-b", type=int, default=64, show_default=True),
-        click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if available]."),
-        click.option("--workers", type=int, default=2, show_default=True, help="Data loader workers."),
-        click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Autocast on GPU."),
-        click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object."),
-        click.option("--results-file", default=None, type=click.Path(dir_okay=False),
+        model_option("Model directory, hf-hub:org/name or timm name (with its pretrained weights)."),
+        click.option("--data", "-d", required=True, metavar="DIR",
+                     help="Folder of class folders (or a root with val/); 'fashion-mnist' for the embedded subset."),
+        click.option("--batch-size", "-b", type=positive_int(), default=64, show_default=True, metavar="N",
+                     help="Images per step."),
+        device_option,
+        click.option("--workers", type=non_negative_int(), default=2, show_default=True, metavar="N",
+                     help="Data loader workers."),
+        click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, show_default="off, float32",
+                     help="Autocast on GPU."),
+        json_option,
+        click.option("--results-file", default=None, type=click.Path(dir_okay=False), metavar="FILE",
                      help="Also write the results to a .csv or .json file."),
     ]
     for option in reversed(options):
@@ -44,7 +48,7 @@ def _run(imagenet: bool, model_spec: str, data: str, batch_size: int, device: Op
     for warning in result["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         _print(result)
     if results_file:  # after printing: a file that cannot be written does not throw the evaluation away
@@ -65,7 +69,7 @@ def _print(result: Dict[str, Any]) -> None:
                f"{result['params'] / 1e6:.2f} M params, {gflops} GFLOPs at {result['input_size']}")
 
 
-@click.group(name="eval")
+@click.group(name="eval", cls=RecordingGroup)
 def eval_group() -> None:
     """Evaluate a model: ImageNet-1k validation or any labelled image folder.
 

@@ -7,6 +7,21 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
+from ._common import (
+    device_option,
+    echo_json,
+    json_option,
+    model_option,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    quiet_option,
+    tokens_option,
+    tokens_per_window_option,
+)
+
 
 def _parse_model_args(values: Tuple[str, ...]) -> Dict[str, Any]:
     """``key=value`` pairs; values are parsed as JSON when they can be (numbers, lists, true/false)."""
@@ -25,58 +40,85 @@ def _parse_model_args(values: Tuple[str, ...]) -> Dict[str, Any]:
 
 
 @click.command()
-@click.option("--model", "-m", "model_spec", required=True,
-              help="Model directory (from 'stvit convert' or a previous finetune), hf-hub:org/name, a timm "
-                   "name to convert on the fly (deit_tiny, deit_small_patch16_224...) or an stvit_* name.")
-@click.option("--data", "-d", required=True,
+@model_option("Model directory (from 'stvit convert' or a previous finetune), hf-hub:org/name, a timm name to "
+              "convert on the fly (deit_tiny, deit_small_patch16_224...) or an stvit_* name.")
+@click.option("--data", "-d", required=True, metavar="DIR",
               help="ImageFolder root with train/ and val/ class folders; 'fashion-mnist' for the embedded subset.")
-@click.option("--output", "-o", required=True, help="Output directory (checkpoints, metrics, best/ model).")
-@click.option("--tokens", type=int, default=None, help="Semantic tokens when converting a name [default: 16].")
-@click.option("--num-classes", type=int, default=None, help="Reset the head to this many classes.")
-@click.option("--no-pretrained", is_flag=True, help="Start from random weights (names only).")
-@click.option("--checkpoint", default=None, help="Weights file for a model name, instead of its pretrained weights.")
+@click.option("--output", "-o", required=True, metavar="DIR",
+              help="Output directory (config.yaml, metrics, checkpoints/, best/ model).")
+@tokens_option("tokens", default_help="16 when MODEL is a name to convert")
+@tokens_per_window_option
+@click.option("--num-classes", type=positive_int(), default=None, show_default="the model's", metavar="N",
+              help="Reset the head to this many classes.")
+@click.option("--no-pretrained", is_flag=True, help="Start from random weights (model names only).")
+@click.option("--checkpoint", default=None, metavar="FILE", show_default="the name's pretrained weights",
+              help="Weights file for a model name.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Extra model constructor argument, e.g. img_size=32 patch_size=4 (repeatable).")
-@click.option("--recipe", type=click.Choice(["finetune", "paper"]), default=None,
-              help="Preset: 'finetune' (short, light; default) or 'paper' (the STViT/DeiT 300-epoch recipe).")
-@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False),
+@click.option("--recipe", type=click.Choice(["finetune", "paper"]), default=None, show_default="finetune",
+              help="Preset: 'finetune' (short, light) or 'paper' (the STViT/DeiT 300-epoch recipe); the defaults "
+                   "below marked 'paper:' change with it.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="YAML file of options (names as below, with underscores); command-line options win.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", "-b", type=int, default=None, help="Per process.")
-@click.option("--accum-steps", type=int, default=None, help="Gradient accumulation steps.")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: base-lr x global batch / base-batch].")
-@click.option("--base-lr", type=float, default=None)
-@click.option("--min-lr", type=float, default=None)
-@click.option("--warmup-epochs", type=float, default=None)
-@click.option("--weight-decay", type=float, default=None)
-@click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (e.g. 0.75).")
-@click.option("--clip-grad", type=float, default=None)
-@click.option("--drop-path", type=float, default=None)
-@click.option("--smoothing", type=float, default=None)
-@click.option("--mixup", type=float, default=None)
-@click.option("--cutmix", type=float, default=None)
-@click.option("--aa", default=None, help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1.")
-@click.option("--reprob", type=float, default=None, help="Random erasing probability.")
-@click.option("--model-ema/--no-model-ema", default=None, help="Keep an EMA of the weights (timm ModelEmaV3).")
-@click.option("--model-ema-decay", type=float, default=None)
-@click.option("--distill", type=click.Choice(["soft", "hard"]), default=None,
+@click.option("--epochs", type=positive_int(), default=None, show_default="30; paper: 300", metavar="N",
+              help="Training epochs.")
+@click.option("--batch-size", "-b", type=positive_int(), default=None, show_default="64", metavar="N",
+              help="Images per step, per process.")
+@click.option("--accum-steps", type=positive_int(), default=None, show_default="1", metavar="N",
+              help="Gradient accumulation steps.")
+@click.option("--lr", type=positive_float(), default=None, show_default="base-lr x global batch / base batch",
+              help="Peak learning rate (the base batch is 512; paper: 1024).")
+@click.option("--base-lr", type=positive_float(), default=None, show_default="5e-4; paper: 1e-3",
+              help="Learning rate per base batch, scaled linearly with the global batch when --lr is not given.")
+@click.option("--min-lr", type=non_negative_float(), default=None, show_default="1e-6; paper: 1e-5",
+              help="Learning rate at the end of the cosine schedule.")
+@click.option("--warmup-epochs", type=non_negative_float(), default=None, show_default="1; paper: 20",
+              help="Epochs of linear warm-up.")
+@click.option("--weight-decay", type=non_negative_float(), default=None, show_default="0.05",
+              help="AdamW weight decay.")
+@click.option("--layer-decay", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              show_default="off", help="Layer-wise lr decay (e.g. 0.75).")
+@click.option("--clip-grad", type=non_negative_float(), default=None, show_default="5.0",
+              help="Gradient norm clipping (0 = off).")
+@click.option("--drop-path", type=probability(max_open=True), default=None, show_default="0.1",
+              help="Stochastic depth rate.")
+@click.option("--smoothing", type=probability(max_open=True), default=None, show_default="0.1",
+              help="Label smoothing.")
+@click.option("--mixup", type=non_negative_float(), default=None, show_default="0 = off; paper: 0.8",
+              help="Mixup alpha.")
+@click.option("--cutmix", type=non_negative_float(), default=None, show_default="0 = off; paper: 1.0",
+              help="CutMix alpha.")
+@click.option("--aa", default=None, metavar="SPEC", show_default="off; paper: rand-m9-mstd0.5",
+              help="RandAugment spec, e.g. rand-m9-mstd0.5-inc1.")
+@click.option("--reprob", type=probability(), default=None, show_default="0; paper: 0.25",
+              help="Random erasing probability.")
+@click.option("--model-ema/--no-model-ema", default=None, show_default="off",
+              help="Keep an EMA of the weights (timm ModelEmaV3).")
+@click.option("--model-ema-decay", type=probability(), default=None, show_default="0.9998", help="EMA decay.")
+@click.option("--distill", type=click.Choice(["soft", "hard"]), default=None, show_default="off",
               help="Distil from the teacher's head output: soft KL or hard labels.")
-@click.option("--teacher", default=None,
-              help="Teacher model (dir, hf-hub: or name) [default with --distill: the source of a converted name].")
-@click.option("--distill-alpha", type=float, default=None)
-@click.option("--distill-tau", type=float, default=None)
-@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, help="Autocast on GPU.")
+@click.option("--teacher", default=None, metavar="MODEL", show_default="with --distill: the source of a converted name",
+              help="Teacher model (directory, hf-hub: or name).")
+@click.option("--distill-alpha", type=probability(), default=None, show_default="0.5",
+              help="Weight of the distillation loss.")
+@click.option("--distill-tau", type=positive_float(), default=None, show_default="1.0",
+              help="Temperature of soft distillation.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, show_default="off, float32",
+              help="Autocast on GPU.")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
-@click.option("--workers", type=int, default=None, help="Data loader workers per process.")
-@click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if available].")
-@click.option("--checkpoint-every-steps", type=int, default=None, help="Also checkpoint every K optimizer steps.")
+@click.option("--workers", type=non_negative_int(), default=None, show_default="2", metavar="N",
+              help="Data loader workers per process.")
+@click.option("--seed", type=non_negative_int(), default=None, show_default="0", metavar="N",
+              help="Random seed (data order, augmentation, new weights).")
+@device_option
+@click.option("--checkpoint-every-steps", type=non_negative_int(), default=None, show_default="0 = every epoch only",
+              metavar="K", help="Also checkpoint every K optimizer steps.")
 @click.option("--deterministic", is_flag=True, default=None, help="torch.use_deterministic_algorithms(True).")
-@click.option("--resume", default=None, type=click.Path(dir_okay=False),
+@click.option("--resume", default=None, type=click.Path(dir_okay=False), metavar="FILE",
               help="Continue exactly from a checkpoint (OUT/checkpoints/last.pth).")
 @click.option("--force", is_flag=True, help="Write into a non-empty output directory.")
-@click.option("--quiet", "-q", is_flag=True, default=None, help="No progress bars or per-epoch lines.")
-@click.option("--json", "as_json", is_flag=True, help="Print the final metrics as one JSON object.")
+@quiet_option
+@json_option
 def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num_classes: Optional[int],
              no_pretrained: bool, checkpoint: Optional[str], model_args: Tuple[str, ...], recipe: Optional[str],
              config_file: Optional[str], teacher: Optional[str], resume: Optional[str], force: bool,
@@ -102,7 +144,7 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     from stvit_core.errors import InvalidArgumentError
     from stvit_core.train_outputs import check_output_dir
 
-    tokens_per_window = options.pop("tokens_per_window", None)  # Swin, where the command offers it
+    tokens_per_window = options.pop("semantic_tokens_per_window", None)  # Swin names only
     overrides = dict(options, data=data, output=output, recipe=recipe, compile=compile_)
     cfg = st.resolve_config(recipe, config_file, overrides)
     kwargs = _parse_model_args(model_args)
@@ -152,7 +194,7 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
         if torch.distributed.get_rank() != 0:
             return
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
     else:
         click.echo(f"best top-1 {result['best_top1']:.2f} at epoch {result['best_epoch']}; "
                    f"model saved to {output}/best")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import json
+from typing import Optional
 
 import click
 
+from ._common import echo_json, json_option, quiet_option
 
-def _quiet_hub(quiet: bool) -> None:
+
+def _quiet_hub(quiet: Optional[bool]) -> None:
     """``--quiet`` turns off huggingface_hub's progress bars and warnings (HF_HUB_DISABLE_PROGRESS_BARS also works)."""
     if not quiet:
         return
@@ -21,13 +23,16 @@ def _quiet_hub(quiet: bool) -> None:
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo as private (only when it does not exist yet).")
-@click.option("--revision", metavar="BRANCH", help="Branch to push to; created from main if missing.")
-@click.option("--commit-message", metavar="TEXT", help="Commit message (default: 'Upload ARCH with stvit').")
-@click.option("--token", metavar="TOKEN", help="Hub token (default: $HF_TOKEN, else the saved `hf auth login`).")
+@click.option("--revision", metavar="BRANCH", show_default="main",
+              help="Branch to push to; created from main if missing.")
+@click.option("--commit-message", metavar="TEXT", show_default="Upload ARCH with stvit", help="Commit message.")
+@click.option("--token", metavar="TOKEN", show_default="$HF_TOKEN, else the saved `hf auth login`",
+              help="Hub token with write access.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def push_to_hub(model_dir, repo_id, private, revision, commit_message, token, create_pr, quiet, as_json) -> None:
+@quiet_option
+@json_option
+def push_to_hub(model_dir: str, repo_id: str, private: bool, revision: Optional[str], commit_message: Optional[str],
+                token: Optional[str], create_pr: bool, quiet: Optional[bool], as_json: bool) -> None:
     """Upload MODEL_DIR (config.json + model.safetensors) to the Hub repo REPO_ID with a model card.
 
     The repo is created if needed. Besides the weights, README.md (a generated model card with params,
@@ -48,7 +53,7 @@ def push_to_hub(model_dir, repo_id, private, revision, commit_message, token, cr
     result = push(model_dir, repo_id, private=private, revision=revision, commit_message=commit_message,
                   token=token, create_pr=create_pr)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        echo_json(result.to_dict())
         return
     where = result.pr_url or f"{result.url} ({result.revision})"
     if result.unchanged:
@@ -62,14 +67,16 @@ def push_to_hub(model_dir, repo_id, private, revision, commit_message, token, cr
 
 @click.command("pull")
 @click.argument("repo_id")
-@click.option("--revision", metavar="REV", help="Branch, tag, commit or refs/pr/N (default: main).")
-@click.option("--output", "-o", "output", type=click.Path(path_type=str),
-              help="Directory to download into (default: the Hugging Face cache).")
+@click.option("--revision", metavar="REV", show_default="main", help="Branch, tag, commit or refs/pr/N.")
+@click.option("--output", "-o", "output", type=click.Path(path_type=str), metavar="DIR",
+              show_default="the Hugging Face cache", help="Directory to download into.")
 @click.option("--force", is_flag=True, help="Replace --output if it exists.")
-@click.option("--token", metavar="TOKEN", help="Hub token for private repos (default: $HF_TOKEN or saved login).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars or warnings.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def pull(repo_id, revision, output, force, token, quiet, as_json) -> None:
+@click.option("--token", metavar="TOKEN", show_default="$HF_TOKEN, else the saved `hf auth login`",
+              help="Hub token, for private repos.")
+@quiet_option
+@json_option
+def pull(repo_id: str, revision: Optional[str], output: Optional[str], force: bool, token: Optional[str],
+         quiet: Optional[bool], as_json: bool) -> None:
     """Download the model repo REPO_ID and check that it loads.
 
     REPO_ID may carry a revision as REPO_ID@REV. Without --output the files go to the Hugging Face
@@ -81,20 +88,13 @@ def pull(repo_id, revision, output, force, token, quiet, as_json) -> None:
       stvit pull me/stvit-deit-small --revision tokens-36 --output stvit-deit-s-36
       stvit pull me/stvit-deit-small@tokens-36 --json
     """
-    from stvit_core.errors import InvalidArgumentError
-    from stvit_core.hub import pull_from_hub
+    from stvit_core.hub import pull_from_hub, split_repo_spec
 
-    if repo_id.startswith("hf-hub:"):
-        repo_id = repo_id[len("hf-hub:"):]
-    if "@" in repo_id:
-        repo_id, _, at_rev = repo_id.partition("@")
-        if revision and revision != at_rev:
-            raise InvalidArgumentError(f"two revisions given: @{at_rev} and --revision {revision}")
-        revision = at_rev
+    repo_id, revision = split_repo_spec(repo_id, revision)
     _quiet_hub(quiet)
     result = pull_from_hub(repo_id, revision=revision, output_dir=output, token=token, force=force)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        echo_json(result.to_dict())
         return
     commit = f" (commit {result.commit_oid[:12]})" if result.commit_oid else ""
     click.echo(f"Pulled {result.repo_id}@{result.revision}{commit} to {result.path}")

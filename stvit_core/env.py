@@ -1,0 +1,51 @@
+"""The environment, for bug reports: torch's own ``torch.utils.collect_env`` plus the libraries stvit runs on."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+
+def _version_of(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _lines(text: Optional[str]) -> List[str]:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+def environment_info() -> Dict[str, Any]:
+    """Versions of stvit, Python, torch, torchvision, timm, huggingface_hub and safetensors, the OS, CUDA
+    (compiled and runtime), cuDNN, the driver, the GPUs and torch's CPU threads."""
+    import huggingface_hub
+    import safetensors
+    import timm
+    import torch
+    from torch.utils.collect_env import get_env_info
+
+    from . import __version__
+
+    sysenv = get_env_info()
+    return {
+        "stvit": __version__,
+        "python": sysenv.python_version.split()[0],
+        "platform": sysenv.python_platform,
+        "os": sysenv.os,
+        "torch": torch.__version__,
+        "torchvision": _version_of("torchvision"),
+        "timm": timm.__version__,
+        "huggingface_hub": huggingface_hub.__version__,
+        "safetensors": safetensors.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda": sysenv.cuda_compiled_version,
+        "cuda_runtime": sysenv.cuda_runtime_version,
+        "cudnn": sysenv.cudnn_version,
+        "nvidia_driver": sysenv.nvidia_driver_version,
+        "devices": _lines(sysenv.nvidia_gpu_models),
+        "cpu_threads": torch.get_num_threads(),
+        "pip_packages": _lines(sysenv.pip_packages),
+    }
