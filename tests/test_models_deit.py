@@ -20,7 +20,7 @@ def test_models_are_registered_with_timm():
     names = timm.list_models("stvit_deit_*")
     for size in SIZES:
         assert f"stvit_deit_{size}_patch16_224" in names
-    assert "stvit_deit_small_patch16_224.fb_in1k" in timm.list_pretrained("stvit_deit_small*")
+    assert "stvit_deit_small_patch16_224.fb_in1k_converted" in timm.list_pretrained("stvit_deit_small*")
 
 
 def test_paper_layout_4_image_blocks_2_generator_layers_6_semantic_blocks():
@@ -30,8 +30,8 @@ def test_paper_layout_4_image_blocks_2_generator_layers_6_semantic_blocks():
     assert isinstance(model.semantic_token_generator, SemanticTokenGenerator)
     assert len(model.semantic_token_generator.layers) == 2
     assert len(model.semantic_blocks) == 6
-    assert model.semantic_token_generator.grid == 6
-    assert model.semantic_token_generator.global_tokens.shape == (1, 36, 384)
+    assert model.semantic_token_generator.semantic_grid == 6
+    assert model.semantic_token_generator.global_semantic_tokens.shape == (1, 36, 384)
 
 
 def test_semantic_blocks_run_on_semantic_tokens_only():
@@ -55,7 +55,7 @@ def test_forward_backward_all_sizes_and_token_counts(size):
         out.sum().backward()
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None for g in grads), "every parameter must receive a gradient"
-        assert model.semantic_token_generator.global_tokens.grad.abs().sum() > 0
+        assert model.semantic_token_generator.global_semantic_tokens.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("tokens", [15, 0, 2])
@@ -109,8 +109,8 @@ def test_pooling_and_global_token_options():
     x = torch.randn(1, 3, 32, 32)
     assert not torch.allclose(a(x), b(x))
     c = timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT, global_semantic_tokens=False)
-    assert c.semantic_token_generator.global_tokens is None
-    assert "semantic_token_generator.global_tokens" not in c.state_dict()
+    assert c.semantic_token_generator.global_semantic_tokens is None
+    assert "semantic_token_generator.global_semantic_tokens" not in c.state_dict()
     with pytest.raises(ValueError, match="pooling"):
         timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT, semantic_token_pool="median")
 
@@ -151,4 +151,4 @@ def test_fx_trace_matches_eager():
 def test_meta_device_construction():
     with torch.device("meta"):
         model = timm.create_model("stvit_deit_base_patch16_224", num_semantic_tokens=100)
-    assert model.semantic_token_generator.global_tokens.is_meta
+    assert model.semantic_token_generator.global_semantic_tokens.is_meta
