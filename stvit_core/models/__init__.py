@@ -7,4 +7,9 @@ from . import (
 from .deit import RecoveryVisionTransformer, SemanticVisionTransformer
 from .swin import RecoverySwinTransformer, SemanticSwinTransformer
 
-__all__ = ["RecoverySwinTransformer", "RecoveryVisionTransformer", "SemanticSwinTransformer", "SemanticVisionTransformer"]
+__all__ = [
+    "RecoverySwinTransformer",
+    "RecoveryVisionTransformer",
+    "SemanticSwinTransformer",  # deprecated name of RecoverySwinTransformer
+    "SemanticVisionTransformer",
+]

@@ -528,7 +528,8 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return super().no_weight_decay() | {n for n, _ in self.named_parameters() if n.endswith("global_semantic_tokens")}
+        tokens = {n for n, _ in self.named_parameters() if n.endswith("global_semantic_tokens")}
+        return super().no_weight_decay() | tokens
 
     def set_input_size(self, img_size: Optional[Tuple[int, int]] = None, patch_size: Optional[Tuple[int, int]] = None):
         """timm's (patch grid, position embeddings), and every generator's pooling for the new grid."""

@@ -269,11 +269,13 @@ class RecoverySwinTransformer(SwinTransformer):
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)[semantic_stage]
         common = dict(
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-            init_values=init_values, norm_layer=partial(nn.LayerNorm, eps=1e-5) if norm_layer is nn.LayerNorm else norm_layer,
+            init_values=init_values,
+            norm_layer=partial(nn.LayerNorm, eps=1e-5) if norm_layer is nn.LayerNorm else norm_layer,
         )
         generator_args = dict(
-            window_size=window_size, tokens_per_window=semantic_tokens_per_window, neighbourhood_size=neighbourhood_size,
-            pool=semantic_token_pool, grid_size=old.output_resolution, dynamic_size=self.dynamic_img_size,
+            window_size=window_size, tokens_per_window=semantic_tokens_per_window,
+            neighbourhood_size=neighbourhood_size, pool=semantic_token_pool, grid_size=old.output_resolution,
+            dynamic_size=self.dynamic_img_size,
         )
         units = [
             _dumbbell_unit(old.blocks[i], int(embed_dim * 2 ** semantic_stage), num_heads[semantic_stage], dpr[i:i + 6],
@@ -398,7 +400,9 @@ def _timm_layout(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
     return out
 
 
-_RELEASE_STEM = (("proj.0.c.", "proj.0."), ("proj.0.bn.", "proj.1."), ("proj.2.c.", "proj.3."), ("proj.2.bn.", "proj.4."))
+_RELEASE_STEM = (
+    ("proj.0.c.", "proj.0."), ("proj.0.bn.", "proj.1."), ("proj.2.c.", "proj.3."), ("proj.2.bn.", "proj.4."),
+)
 
 
 def _release_key(k: str) -> str:
@@ -498,7 +502,8 @@ def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """timm's Swin features (stage outputs, NHWC); ``output_fmt='NCHW'`` asks for NCHW maps, which come from
     ``forward_intermediates`` (timm's ``feature_cls='getter'``)."""
     depths = kwargs.get("depths", (2, 2, 6, 2))
-    cfg: Dict[str, Any] = dict(flatten_sequential=True, out_indices=kwargs.pop("out_indices", tuple(range(len(depths)))))
+    out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
+    cfg: Dict[str, Any] = dict(flatten_sequential=True, out_indices=out_indices)
     if kwargs.get("features_only") and "output_fmt" in kwargs:
         output_fmt = kwargs.pop("output_fmt")
         if output_fmt not in ("NCHW", "NHWC"):
