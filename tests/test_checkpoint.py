@@ -150,7 +150,7 @@ def test_ema_weights_are_preferred_and_the_release_config_object_is_read(tmp_pat
 @pytest.mark.parametrize("change, expected", [
     ({"depth": 13}, "missing semantic_blocks.6.norm1.weight, semantic_blocks.6.norm1.bias, "
                     "semantic_blocks.6.attn.qkv.weight (+9 more)"),
-    ({"num_semantic_tokens": 9}, "shape mismatch semantic_token_generator.global_tokens (file [1, 4, 48], "
+    ({"num_semantic_tokens": 9}, "shape mismatch semantic_token_generator.global_semantic_tokens (file [1, 4, 48], "
                                  "model [1, 9, 48])"),
     ({"depth": 11}, "unexpected semantic_blocks.5.attn.proj.bias"),
 ])

@@ -46,9 +46,9 @@ def test_every_source_weight_is_kept_bit_for_bit(source):
             assert torch.equal(target[tkey], value[rows]), key
             used.add(tkey)
     new = set(target) - used
-    assert new == {"semantic_token_generator.global_tokens"}
+    assert new == {"semantic_token_generator.global_semantic_tokens"}
     # documented behaviour: global tokens start at zero in a converted model
-    assert torch.count_nonzero(target["semantic_token_generator.global_tokens"]) == 0
+    assert torch.count_nonzero(target["semantic_token_generator.global_semantic_tokens"]) == 0
 
 
 def test_features_up_to_the_generator_equal_the_source(source):

@@ -20,7 +20,7 @@ def test_models_are_registered_with_timm():
     names = timm.list_models("stvit_deit_*")
     for size in SIZES:
         assert f"stvit_deit_{size}_patch16_224" in names
-    assert "stvit_deit_small_patch16_224.fb_in1k" in timm.list_pretrained("stvit_deit_small*")
+    assert "stvit_deit_small_patch16_224.fb_in1k_converted" in timm.list_pretrained("stvit_deit_small*")
 
 
 def test_paper_layout_4_image_blocks_2_generator_layers_6_semantic_blocks():
@@ -30,8 +30,8 @@ def test_paper_layout_4_image_blocks_2_generator_layers_6_semantic_blocks():
     assert isinstance(model.semantic_token_generator, SemanticTokenGenerator)
     assert len(model.semantic_token_generator.layers) == 2
     assert len(model.semantic_blocks) == 6
-    assert model.semantic_token_generator.grid == 6
-    assert model.semantic_token_generator.global_tokens.shape == (1, 36, 384)
+    assert model.semantic_token_generator.semantic_grid == 6
+    assert model.semantic_token_generator.global_semantic_tokens.shape == (1, 36, 384)
 
 
 def test_semantic_blocks_run_on_semantic_tokens_only():
@@ -55,7 +55,7 @@ def test_forward_backward_all_sizes_and_token_counts(size):
         out.sum().backward()
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None for g in grads), "every parameter must receive a gradient"
-        assert model.semantic_token_generator.global_tokens.grad.abs().sum() > 0
+        assert model.semantic_token_generator.global_semantic_tokens.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("tokens", [15, 0, 2])
@@ -109,8 +109,8 @@ def test_pooling_and_global_token_options():
     x = torch.randn(1, 3, 32, 32)
     assert not torch.allclose(a(x), b(x))
     c = timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT, global_semantic_tokens=False)
-    assert c.semantic_token_generator.global_tokens is None
-    assert "semantic_token_generator.global_tokens" not in c.state_dict()
+    assert c.semantic_token_generator.global_semantic_tokens is None
+    assert "semantic_token_generator.global_semantic_tokens" not in c.state_dict()
     with pytest.raises(ValueError, match="pooling"):
         timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT, semantic_token_pool="median")
 
@@ -151,4 +151,44 @@ def test_fx_trace_matches_eager():
 def test_meta_device_construction():
     with torch.device("meta"):
         model = timm.create_model("stvit_deit_base_patch16_224", num_semantic_tokens=100)
-    assert model.semantic_token_generator.global_tokens.is_meta
+    assert model.semantic_token_generator.global_semantic_tokens.is_meta
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("stvit_deit_tiny_patch16_224", TINY_VIT),
+    ("stvit_r_deit_tiny_patch16_224", TINY_VIT),
+    ("stvit_r_swin_tiny_patch4_window7_224", dict(embed_dim=16, num_heads=(1, 2, 4, 8), num_classes=10,
+                                                   global_semantic_tokens=True)),
+])
+def test_checkpoints_with_the_0x_global_tokens_key_still_load(name, kwargs, tmp_path):
+    """0.x files call the global semantic tokens ``global_tokens``: they load, directly and through timm."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    old = {k.replace(".global_semantic_tokens", ".global_tokens"): v for k, v in model.state_dict().items()}
+    assert sum(k.endswith(".global_tokens") for k in old) >= 1
+    path = tmp_path / "0x.pth"
+    torch.save({"model": old}, path)
+    torch.manual_seed(1)
+    direct = timm.create_model(name, **kwargs).eval()
+    direct.load_state_dict(old)  # strict
+    overlay = dict(file=str(path), num_classes=10)  # timm keeps the head when the class counts agree
+    via_timm = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
+    size = 32 if "deit" in name else 224
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        assert torch.equal(direct(x), model(x)) and torch.equal(via_timm(x), model(x))
+
+
+def test_cross_attention_explicit_softmax_path_matches_the_fused_one():
+    """timm's fused_attn switch: off, CrossAttention computes the softmax itself (same result)."""
+    from stvit_core.layers import CrossAttention
+
+    model = timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT).eval()
+    attention = [m for m in model.modules() if isinstance(m, CrossAttention)]
+    assert attention and all(m.fused_attn for m in attention)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        for m in attention:
+            m.fused_attn = False
+        torch.testing.assert_close(model(x), fused, rtol=1e-5, atol=1e-6)

@@ -39,22 +39,30 @@ def test_conversion_keeps_every_weight():
         for k in ("norm1.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.bias", "norm2.bias"):
             assert torch.equal(t[dst + k], s[src_block + k]), dst + k
     # global tokens start at zero, so nothing but the source's weights shapes the converted model
-    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith("global_tokens"))
+    assert all(torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if n.endswith("global_semantic_tokens"))
     with torch.no_grad():
         assert model(torch.randn(1, 3, 224, 224)).shape == (1, 10)
 
 
 def test_feature_maps_stride_16_and_backward():
-    net = timm.create_model("stvit_r_deit_small_patch16_224", features_only=True, out_indices=(0, 1), **SMALL)
+    net = timm.create_model("stvit_r_deit_small_patch16_224", features_only=True, **SMALL)
+    # the full token map exists after each unit's ViT block and after its recovery; features_only: the units'
     assert net.feature_info.reduction() == [16, 16]
+    assert net.feature_info.module_name() == ["blocks.0", "blocks.1"]
     x = torch.randn(2, 3, 224, 224, requires_grad=True)
     feats = net(x)
     assert [tuple(f.shape) for f in feats] == [(2, 64, 14, 14)] * 2
     feats[-1].square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
-    rect = timm.create_model("stvit_r_deit_small_patch16_224", img_size=(256, 320), **SMALL)
-    maps = rect.forward_intermediates(torch.randn(1, 3, 256, 320), intermediates_only=True)
-    assert [tuple(m.shape) for m in maps] == [(1, 64, 16, 20)] * 2
+    rect = timm.create_model("stvit_r_deit_small_patch16_224", img_size=(256, 320), **SMALL).eval()
+    x = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        maps = rect.forward_intermediates(x, intermediates_only=True)
+        assert [tuple(m.shape) for m in maps] == [(1, 64, 16, 20)] * 4
+        tokens = rect.blocks[0].image_blocks(rect._embed_tokens(x))
+        assert torch.equal(maps[0], tokens[:, 1:].reshape(1, 16, 20, 64).permute(0, 3, 1, 2))
+        tokens = rect.blocks(rect._embed_tokens(x))
+        assert torch.equal(maps[3], tokens[:, 1:].reshape(1, 16, 20, 64).permute(0, 3, 1, 2))
 
 
 def test_flops_below_deit():

@@ -16,7 +16,7 @@ import stvit_core  # noqa: F401  (registers the models)
 from stvit_core.convert import convert, convert_model
 from stvit_core.flops import count_flops
 from stvit_core.layers import pool_windows, window_neighbourhood_index
-from stvit_core.models.swin import SemanticSwinTransformer, checkpoint_filter_fn
+from stvit_core.models.swin import RecoverySwinTransformer, checkpoint_filter_fn
 
 from .conftest import assert_one_line_error, run_cli
 
@@ -42,7 +42,7 @@ def expected():
 
 def test_release_checkpoint_reproduces_official_logits(release_ckpt, expected):
     model = convert("swin_small", checkpoint=release_ckpt).eval()
-    assert isinstance(model, SemanticSwinTransformer) and model.stem == "conv"
+    assert isinstance(model, RecoverySwinTransformer) and model.stem == "conv"
     with torch.no_grad():
         logits = model(expected["input"])
     assert (logits - expected["logits"]).abs().max().item() <= 1e-4
@@ -76,7 +76,7 @@ def test_release_format_with_global_tokens_and_4_tokens_per_window(tmp_path):
     assert model.semantic_tokens_per_window == 4
     with torch.no_grad():
         assert (model(exp["input"]) - exp["logits"]).abs().max().item() <= 1e-4
-        tokens = model.layers[2].units[0].generator.global_tokens
+        tokens = model.layers[2].units[0].generator.global_semantic_tokens
         tokens.copy_(tokens.flip(1))  # a wrong token order is visible in the logits
         assert (model(exp["input"]) - exp["logits"]).abs().max().item() > 1e-3
 
@@ -163,17 +163,20 @@ def test_checkpoint_of_another_architecture_is_refused():
 
 @pytest.mark.parametrize("size", [(224, 224), (256, 320)])
 def test_features_only_maps_and_backward(size):
+    """timm's Swin convention: features_only gives NHWC stage maps; output_fmt='NCHW' gives the same maps NCHW."""
+    kwargs = dict(features_only=True, img_size=size, **{**TINY, "num_classes": 0})
     torch.manual_seed(0)
-    net = timm.create_model(
-        "stvit_r_swin_tiny_patch4_window7_224", features_only=True, img_size=size, **{**TINY, "num_classes": 0}
-    )
-    assert net.feature_info.reduction() == [4, 8, 16, 32]
+    net = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", **kwargs)
+    torch.manual_seed(0)  # the same weights
+    nchw = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", output_fmt="NCHW", **kwargs)
+    assert net.feature_info.reduction() == nchw.feature_info.reduction() == [4, 8, 16, 32]
     x = torch.randn(2, 3, *size, requires_grad=True)
-    feats = net(x)
+    with torch.no_grad():
+        maps = [f.permute(0, 3, 1, 2) for f in net.eval()(x)]
+        assert all(torch.equal(a, b) for a, b in zip(maps, nchw.eval()(x)))
+    feats = net.train()(x)
     H, W = size
-    assert [tuple(f.shape) for f in feats] == [
-        (2, 16 * 2 ** i, H // 2 ** (i + 2), W // 2 ** (i + 2)) for i in range(4)
-    ]
+    assert [tuple(f.shape) for f in feats] == [(2, H // 2 ** (i + 2), W // 2 ** (i + 2), 16 * 2 ** i) for i in range(4)]
     sum(f.float().square().mean() for f in feats).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     grads = [p.grad for n, p in net.named_parameters() if "generator.layers.0.attn.q" in n]

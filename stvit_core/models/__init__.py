@@ -4,7 +4,12 @@ from . import (
     deit,  # noqa: F401
     swin,  # noqa: F401
 )
-from .deit import SemanticVisionTransformer
-from .swin import SemanticSwinTransformer
+from .deit import RecoveryVisionTransformer, SemanticVisionTransformer
+from .swin import RecoverySwinTransformer, SemanticSwinTransformer
 
-__all__ = ["SemanticSwinTransformer", "SemanticVisionTransformer"]
+__all__ = [
+    "RecoverySwinTransformer",
+    "RecoveryVisionTransformer",
+    "SemanticSwinTransformer",  # deprecated name of RecoverySwinTransformer
+    "SemanticVisionTransformer",
+]

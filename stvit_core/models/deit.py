@@ -14,29 +14,108 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq, named_apply
+from timm.layers import calculate_drop_path_rates, trunc_normal_
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    clean_state_dict,
+    generate_default_cfgs,
+    named_apply,
+    register_model,
+)
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
 from ..layers import (
+    DUMBBELL_UNIT_DEPTH,
     DumbbellUnit,
     RecoveryBlock,
     SemanticTokenGenerator,
+    dumbbell_block_index,
+    dumbbell_unit_keys,
     self_to_cross_attention_keys,
-    semantic_grid_size,
+    semantic_grid,
+    take_indices,
 )
 
 __all__ = ["RecoveryVisionTransformer", "SemanticVisionTransformer", "checkpoint_filter_fn", "recovery_checkpoint_filter_fn"]
 
+R_UNIT_DEPTH = DUMBBELL_UNIT_DEPTH  # deprecated name (0.x releases)
 
-class SemanticVisionTransformer(VisionTransformer):
+
+
+def _check_static_size(kwargs: Dict[str, Any]) -> None:
+    if kwargs.get("dynamic_img_size"):
+        raise ValueError("dynamic_img_size is not supported; build the model with img_size=(H, W) instead")
+
+
+class _TokenMapFeatures:
+    """``forward_intermediates`` / ``prune_intermediate_layers`` over the image-token maps of an STViT ViT.
+
+    ``_feature_steps()`` lists the steps whose outputs are full token maps (what ``feature_info`` lists);
+    ``_finish(x)`` turns the last map into ``forward_features``' output. Same arguments and meaning as timm's
+    ``VisionTransformer.forward_intermediates``.
+    """
+
+    def _embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def _to_maps(self, tokens: List[torch.Tensor], output_fmt: str, return_prefix_tokens: bool) -> list:
+        p = self.num_prefix_tokens
+        maps = [y[:, p:] for y in tokens]
+        if output_fmt == "NCHW":
+            maps = [y.unflatten(1, tuple(self.patch_embed.grid_size)).permute(0, 3, 1, 2).contiguous() for y in maps]
+        if return_prefix_tokens and p:
+            return list(zip(maps, [y[:, :p] for y in tokens]))
+        return maps
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """Image-token maps after the steps in ``feature_info`` and, unless ``intermediates_only``, the final
+        features (``forward_features``' output; after ``stop_early`` the final norm of the last map, as timm)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        steps = self._feature_steps()
+        taken, max_index = take_indices(len(steps), indices)
+        x = self._embed_tokens(x)
+        run = steps[:max_index + 1] if stop_early or intermediates_only else steps
+        intermediates = []
+        for i, step in enumerate(run):
+            x = checkpoint(step, x) if self.grad_checkpointing and not torch.jit.is_scripting() else step(x)
+            if i in taken:
+                intermediates.append(self.norm(x) if norm else x)
+        maps = self._to_maps(intermediates, output_fmt, return_prefix_tokens and not output_dict)
+        if output_dict:
+            out: Dict[str, Any] = {"image_intermediates": maps}
+            if return_prefix_tokens and self.num_prefix_tokens:
+                out["image_intermediates_prefix"] = [y[:, :self.num_prefix_tokens] for y in intermediates]
+            if not intermediates_only:
+                out["image_features"] = self._finish(x) if len(run) == len(steps) else self.norm(x)
+            return out
+        if intermediates_only:
+            return maps
+        return (self._finish(x) if len(run) == len(steps) else self.norm(x)), maps
+
+
+class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
     """Vision Transformer whose later blocks run on a few semantic tokens (STViT).
 
     Args (besides timm's :class:`VisionTransformer` arguments, ``depth`` being the total depth):
@@ -48,6 +127,9 @@ class SemanticVisionTransformer(VisionTransformer):
         global_semantic_tokens: learned global tokens added to the generator's later queries (paper: on).
         global_pool: ``'token'`` reads the class token, ``'avg'`` averages the final semantic tokens (paper).
         class_token: keep a class token; defaults to ``global_pool == 'token'``.
+
+    ``feature_info`` lists the image-token blocks: ``forward_intermediates`` and ``features_only=True`` give
+    their maps (stride 16); ``forward_features`` ends on the semantic tokens ``(B, prefix + S, C)``.
     """
 
     def __init__(
@@ -72,8 +154,8 @@ class SemanticVisionTransformer(VisionTransformer):
             raise ValueError(
                 f"depth {depth} cannot hold {num_image_blocks} image-token blocks and a {generator_depth}-layer generator"
             )
-        if kwargs.get("dynamic_img_size"):
-            raise ValueError("dynamic_img_size is not supported; build the model with img_size=(H, W) instead")
+        _check_static_size(kwargs)
+        semantic_grid(num_semantic_tokens)  # validates the square before timm builds anything
         super().__init__(
             global_pool=global_pool,
             class_token=class_token,
@@ -81,12 +163,6 @@ class SemanticVisionTransformer(VisionTransformer):
             drop_path_rate=drop_path_rate,
             **kwargs,
         )
-        grid_h, grid_w = self.patch_embed.grid_size
-        semantic_grid_size(num_semantic_tokens)  # validates the square
-        if num_semantic_tokens > grid_h * grid_w:
-            raise ValueError(
-                f"num_semantic_tokens={num_semantic_tokens} exceeds the {grid_h}x{grid_w}={grid_h * grid_w} image tokens"
-            )
         self.num_semantic_tokens = num_semantic_tokens
         self.num_image_blocks = num_image_blocks
         self.generator_depth = generator_depth
@@ -94,7 +170,7 @@ class SemanticVisionTransformer(VisionTransformer):
         # timm built `depth` blocks with the stochastic-depth schedule over the whole depth; keep the ones that stay
         # ordinary blocks and rebuild the generator's positions as cross-attention layers with the same rates.
         blocks = list(self.blocks)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # timm's linear schedule
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         ref = blocks[0]
         embed_dim = self.embed_dim
         self.blocks = nn.Sequential(*blocks[:num_image_blocks])
@@ -104,7 +180,7 @@ class SemanticVisionTransformer(VisionTransformer):
             num_semantic_tokens=num_semantic_tokens,
             depth=generator_depth,
             pool=semantic_token_pool,
-            global_tokens=global_semantic_tokens,
+            global_semantic_tokens=global_semantic_tokens,
             mlp_ratio=ref.mlp.fc1.out_features / embed_dim,
             qkv_bias=ref.attn.qkv.bias is not None,
             drop_path=dpr[num_image_blocks:num_image_blocks + generator_depth],
@@ -112,11 +188,12 @@ class SemanticVisionTransformer(VisionTransformer):
             norm_layer=partial(nn.LayerNorm, eps=ref.norm1.eps),
             act_layer=type(ref.mlp.act),
             num_prefix_tokens=self.num_prefix_tokens,
+            grid_size=self.patch_embed.grid_size,
         )
         self.semantic_blocks = nn.Sequential(*blocks[num_image_blocks + generator_depth:])
         named_apply(init_weights_vit_timm, self.semantic_token_generator)
-        if self.semantic_token_generator.global_tokens is not None:
-            trunc_normal_(self.semantic_token_generator.global_tokens, std=0.02)
+        if self.semantic_token_generator.global_semantic_tokens is not None:
+            trunc_normal_(self.semantic_token_generator.global_semantic_tokens, std=0.02)
         self.feature_info = [
             dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=self.patch_embed.patch_size[0])
             for i in range(num_image_blocks)
@@ -146,7 +223,13 @@ class SemanticVisionTransformer(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return super().no_weight_decay() | {"semantic_token_generator.global_tokens"}
+        return super().no_weight_decay() | {"semantic_token_generator.global_semantic_tokens"}
+
+    def set_input_size(self, img_size: Optional[Tuple[int, int]] = None, patch_size: Optional[Tuple[int, int]] = None):
+        """timm's (patch grid, position embeddings), and the generator's pooling for the new grid."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        if self.semantic_token_generator is not None:
+            self.semantic_token_generator.set_grid_size(self.patch_embed.grid_size)
 
     def _run(self, blocks: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -155,27 +238,45 @@ class SemanticVisionTransformer(VisionTransformer):
 
     def forward_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding and the image-token blocks: the features before the generator."""
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
-        x = self.norm_pre(x)
-        return self._run(self.blocks, x)
+        return self._run(self.blocks, self._embed_tokens(x))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_image_tokens(x)
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Image tokens (with prefix) after the image blocks -> the normalised semantic tokens."""
+        if self.semantic_token_generator is None:
+            raise RuntimeError("this model was pruned to its intermediate layers (prune_intermediate_layers)")
         p = self.num_prefix_tokens
         prefix = x[:, :p] if p else None
         x = self.semantic_token_generator(x[:, p:], self.patch_embed.grid_size, prefix)
         x = self._run(self.semantic_blocks, x)
         return self.norm(x)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._finish(self.forward_image_tokens(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, *args: Any, **kwargs: Any):
-        raise NotImplementedError(
-            "STViT models end with semantic tokens, not a feature map; use an STViT-R model for dense features"
-        )
+    def _feature_steps(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
+        return list(self.blocks)
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Keep the image blocks up to the last index; the generator and semantic blocks go (as timm's ViT drops
+        its later blocks), so the model then serves ``forward_intermediates(intermediates_only=True)``."""
+        taken, max_index = take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        self.semantic_token_generator = None
+        self.semantic_blocks = nn.Sequential()
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return taken
 
 
 def _is_stvit_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
@@ -185,8 +286,7 @@ def _is_stvit_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
 def _prepare_vit_state_dict(state_dict: Dict[str, torch.Tensor], model: VisionTransformer) -> Dict[str, torch.Tensor]:
     """Unwrap, drop DeiT's distillation token, resample pos_embed / patch_embed (timm's ViT filter)."""
     state_dict = state_dict.get("model", state_dict)
-    state_dict = state_dict.get("state_dict", state_dict)
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    state_dict = clean_state_dict(state_dict.get("state_dict", state_dict))  # DDP / torch.compile prefixes
     if any(k.startswith(("dist_token", "head_dist")) for k in state_dict):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(("dist_token", "head_dist"))}
         if "pos_embed" in state_dict and model.pos_embed is not None:
@@ -194,6 +294,10 @@ def _prepare_vit_state_dict(state_dict: Dict[str, torch.Tensor], model: VisionTr
             pe = state_dict["pos_embed"]
             state_dict["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
     return vit_checkpoint_filter_fn(state_dict, model)  # resamples pos_embed / patch_embed if needed
+
+
+def _source_depth(state_dict: Dict[str, torch.Tensor]) -> int:
+    return 1 + max((int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVisionTransformer) -> Dict[str, torch.Tensor]:
@@ -209,10 +313,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVis
     if _is_stvit_state_dict(state_dict):
         return state_dict
 
-    depths = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
+    depth = _source_depth(state_dict)
     model_depth = model.num_image_blocks + model.generator_depth + len(model.semantic_blocks)
-    if depths and max(depths) + 1 != model_depth:
-        raise ValueError(f"source model has {max(depths) + 1} blocks, STViT model expects {model_depth}")
+    if depth and depth != model_depth:
+        raise ValueError(f"source model has {depth} blocks, STViT model expects {model_depth}")
     nb, gd = model.num_image_blocks, model.generator_depth
     out: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
@@ -227,23 +331,26 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SemanticVis
             out.update(self_to_cross_attention_keys(f"semantic_token_generator.layers.{i - nb}.", rest, v))
         else:
             out[f"semantic_blocks.{i - nb - gd}.{rest}"] = v
-    if model.semantic_token_generator.global_tokens is not None:
-        out["semantic_token_generator.global_tokens"] = torch.zeros_like(model.semantic_token_generator.global_tokens)
+    tokens = model.semantic_token_generator.global_semantic_tokens
+    if tokens is not None:
+        out["semantic_token_generator.global_semantic_tokens"] = torch.zeros_like(tokens)
     return out
 
 
 def _create_stvit_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(
         SemanticVisionTransformer,
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )
 
 
 def _cfg(source: Optional[str], **kwargs: Any) -> Dict[str, Any]:
-    # Pretrained weights are the source DeiT's, converted on load by checkpoint_filter_fn.
+    # Pretrained weights are the source DeiT's, converted on load by checkpoint_filter_fn (never fine-tuned).
     return {
         "hf_hub_id": f"timm/{source}" if source else None,
         "num_classes": 1000,
@@ -261,11 +368,13 @@ def _cfg(source: Optional[str], **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+# Tags say what the weights are: DeiT's ImageNet-1k weights (fb_in1k) converted on load, not fine-tuned as STViT
+# (the 0.x releases called them `.fb_in1k`, which read like trained STViT weights).
 default_cfgs = generate_default_cfgs(
     {
-        "stvit_deit_tiny_patch16_224.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
-        "stvit_deit_small_patch16_224.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
-        "stvit_deit_base_patch16_224.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+        "stvit_deit_tiny_patch16_224.fb_in1k_converted": _cfg("deit_tiny_patch16_224.fb_in1k"),
+        "stvit_deit_small_patch16_224.fb_in1k_converted": _cfg("deit_small_patch16_224.fb_in1k"),
+        "stvit_deit_base_patch16_224.fb_in1k_converted": _cfg("deit_base_patch16_224.fb_in1k"),
         "stvit_vit_patch16_224": _cfg(None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9),
     }
 )
@@ -273,21 +382,33 @@ default_cfgs = generate_default_cfgs(
 
 @register_model
 def stvit_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
-    """STViT-DeiT-Tiny: DeiT-T with 16 semantic tokens after block 4 (0.53 GFLOPs vs 1.26)."""
+    """STViT-DeiT-Tiny: DeiT-T with 16 semantic tokens after block 4 (0.53 GFLOPs vs 1.26).
+
+    ``pretrained=True`` loads DeiT-T's ImageNet-1k weights converted, not fine-tuned as STViT (tag
+    ``fb_in1k_converted``): accuracy right after conversion is well below DeiT-T's; fine-tune first.
+    """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
     return _create_stvit_deit("stvit_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def stvit_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
-    """STViT-DeiT-Small: DeiT-S with 16 semantic tokens after block 4 (1.91 GFLOPs vs 4.58)."""
+    """STViT-DeiT-Small: DeiT-S with 16 semantic tokens after block 4 (1.91 GFLOPs vs 4.58).
+
+    ``pretrained=True`` loads DeiT-S's ImageNet-1k weights converted, not fine-tuned as STViT (tag
+    ``fb_in1k_converted``): accuracy right after conversion is well below DeiT-S's; fine-tune first.
+    """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _create_stvit_deit("stvit_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def stvit_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVisionTransformer:
-    """STViT-DeiT-Base: DeiT-B with 16 semantic tokens after block 4 (7.31 GFLOPs vs 17.58)."""
+    """STViT-DeiT-Base: DeiT-B with 16 semantic tokens after block 4 (7.31 GFLOPs vs 17.58).
+
+    ``pretrained=True`` loads DeiT-B's ImageNet-1k weights converted, not fine-tuned as STViT (tag
+    ``fb_in1k_converted``): accuracy right after conversion is well below DeiT-B's; fine-tune first.
+    """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_stvit_deit("stvit_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -302,17 +423,12 @@ def stvit_vit_patch16_224(pretrained: bool = False, **kwargs: Any) -> SemanticVi
 # ----------------------------------------------------------------------------------------------------------
 # STViT-R on DeiT / ViT (beyond the paper): dumbbell units keep the full token map for dense tasks.
 
-R_UNIT_DEPTH = 6  # image block, 2 generator layers, 2 semantic blocks, recovery
-_R_UNIT_PARTS = ("image_blocks.0", "generator.layers.0", "generator.layers.1",
-                 "semantic_blocks.0", "semantic_blocks.1", "recovery")
+
+_R_SELF_ATTENTION = (0, 3, 4)  # unit positions that stay ViT blocks: the image block and the two semantic blocks
 
 
 class _SequenceGenerator(SemanticTokenGenerator):
     """The generator on a ViT token sequence ``concat(prefix, image tokens)`` of a fixed patch grid."""
-
-    def __init__(self, *args: Any, grid_size: Tuple[int, int], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.grid_size = tuple(grid_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         p = self.num_prefix_tokens
@@ -333,15 +449,17 @@ class _SequenceRecovery(RecoveryBlock):
         return torch.cat([context[:, :p], image], dim=1) if p else image
 
 
-class RecoveryVisionTransformer(VisionTransformer):
+class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
     """STViT-R on ViT/DeiT: the blocks regrouped into dumbbell units that end on the full token map.
 
     Each unit of 6 blocks is ``[ViT block, generator layer 1, generator layer 2, ViT block, ViT block,
     recovery]`` (DeiT's 12 blocks: 2 units). Semantic tokens are the image tokens max-pooled to
     ``num_semantic_tokens`` (a square grid) and refined by the generator; the class token travels with them.
-    ``self.blocks`` is the sequence of units, so timm's ``forward_intermediates`` / ``features_only=True``
-    give one stride-16 NCHW map per unit. Build with ``img_size=(H, W)`` for other input sizes
-    (``dynamic_img_size`` is not supported: the pooling grid is fixed at build time).
+    ``self.blocks`` is the sequence of units. The full token map exists twice per unit, after its ViT block and
+    after its recovery layer: ``feature_info`` lists both (``blocks.U.image_blocks``, ``blocks.U``), so
+    ``forward_intermediates`` gives 2 stride-16 maps per unit; ``features_only=True`` defaults to the units'
+    outputs. Build with ``img_size=(H, W)`` for other input sizes (``dynamic_img_size`` is not supported: the
+    pooling grid is fixed at build time; ``set_input_size`` rebuilds it).
     """
 
     def __init__(
@@ -353,20 +471,16 @@ class RecoveryVisionTransformer(VisionTransformer):
         drop_path_rate: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        if depth < R_UNIT_DEPTH or depth % R_UNIT_DEPTH:
+        if depth < DUMBBELL_UNIT_DEPTH or depth % DUMBBELL_UNIT_DEPTH:
             raise ValueError(f"depth {depth} is not a multiple of the 6-block dumbbell unit")
-        if kwargs.get("dynamic_img_size"):
-            raise ValueError("dynamic_img_size is not supported; build the model with img_size=(H, W) instead")
+        _check_static_size(kwargs)
+        semantic_grid(num_semantic_tokens)
         super().__init__(depth=depth, drop_path_rate=drop_path_rate, **kwargs)
-        grid = tuple(self.patch_embed.grid_size)
-        semantic_grid_size(num_semantic_tokens)
-        if num_semantic_tokens > grid[0] * grid[1]:
-            raise ValueError(f"num_semantic_tokens={num_semantic_tokens} exceeds the {grid[0]}x{grid[1]} image tokens")
         self.num_semantic_tokens = num_semantic_tokens
         blocks = list(self.blocks)
         ref = blocks[0]
         dim, heads = self.embed_dim, ref.attn.num_heads
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         common = dict(
             mlp_ratio=ref.mlp.fc1.out_features / dim,
             qkv_bias=ref.attn.qkv.bias is not None,
@@ -375,22 +489,24 @@ class RecoveryVisionTransformer(VisionTransformer):
             act_layer=type(ref.mlp.act),
         )
         units = []
-        for u in range(depth // R_UNIT_DEPTH):
-            i = u * R_UNIT_DEPTH
+        for i in range(0, depth, DUMBBELL_UNIT_DEPTH):
             generator = _SequenceGenerator(
                 dim, heads, num_semantic_tokens=num_semantic_tokens, depth=2, pool=semantic_token_pool,
-                global_tokens=global_semantic_tokens, drop_path=dpr[i + 1:i + 3],
-                num_prefix_tokens=self.num_prefix_tokens, grid_size=grid, **common,
+                global_semantic_tokens=global_semantic_tokens, drop_path=dpr[i + 1:i + 3],
+                num_prefix_tokens=self.num_prefix_tokens, grid_size=self.patch_embed.grid_size, **common,
             )
             recovery = _SequenceRecovery(dim, heads, drop_path=dpr[i + 5], num_prefix_tokens=self.num_prefix_tokens, **common)
             for part in (generator, recovery):
                 named_apply(init_weights_vit_timm, part)
-            if generator.global_tokens is not None:
-                trunc_normal_(generator.global_tokens, std=0.02)
+            if generator.global_semantic_tokens is not None:
+                trunc_normal_(generator.global_semantic_tokens, std=0.02)
             units.append(DumbbellUnit(nn.Sequential(blocks[i]), generator, nn.Sequential(*blocks[i + 3:i + 5]), recovery))
         self.blocks = nn.Sequential(*units)
         reduction = self.patch_embed.patch_size[0]
-        self.feature_info = [dict(module=f"blocks.{u}", num_chs=dim, reduction=reduction) for u in range(len(units))]
+        self.feature_info = [
+            dict(module=f"blocks.{u}{part}", num_chs=dim, reduction=reduction)
+            for u in range(len(units)) for part in (".image_blocks", "")
+        ]
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Any:
@@ -403,18 +519,57 @@ class RecoveryVisionTransformer(VisionTransformer):
                 return (0.0,)
             if name.startswith("norm."):
                 return (99999.0,)
-            m = re.match(r"^blocks\.(\d+)\.(\w+)\.(?:layers\.)?(\d+)?", name)
+            m = re.match(r"^blocks\.(\d+)\.(.*)", name)
             if m:
-                offset = {"image_blocks": 0, "generator": 1, "semantic_blocks": 3, "recovery": 5}[m.group(2)]
-                sub = int(m.group(3)) if m.group(3) and m.group(2) != "recovery" else 0
-                return (1.0 + int(m.group(1)) * R_UNIT_DEPTH + offset + sub,)
+                return (1.0 + int(m.group(1)) * DUMBBELL_UNIT_DEPTH + dumbbell_block_index(m.group(2)),)
             return (float("inf"),)
 
         return ordinal
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        return super().no_weight_decay() | {n for n, _ in self.named_parameters() if n.endswith("global_tokens")}
+        tokens = {n for n, _ in self.named_parameters() if n.endswith("global_semantic_tokens")}
+        return super().no_weight_decay() | tokens
+
+    def set_input_size(self, img_size: Optional[Tuple[int, int]] = None, patch_size: Optional[Tuple[int, int]] = None):
+        """timm's (patch grid, position embeddings), and every generator's pooling for the new grid."""
+        super().set_input_size(img_size=img_size, patch_size=patch_size)
+        for unit in self.blocks:
+            unit.generator.set_grid_size(self.patch_embed.grid_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # no attention masks: the semantic parts of a unit take none (timm's ViT would pass one to every block)
+        x = self._embed_tokens(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _feature_steps(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
+        return [step for unit in self.blocks for step in (unit.forward_image_blocks, unit.forward_semantic)]
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Keep the units up to the one holding the last index (a whole unit, even for its first map)."""
+        taken, max_index = take_indices(2 * len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index // 2 + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, "")
+        return taken
 
 
 def recovery_checkpoint_filter_fn(
@@ -424,39 +579,28 @@ def recovery_checkpoint_filter_fn(
 
     Source block ``i`` goes to unit ``i // 6``: position 0 stays a ViT block, 1-2 become the generator's
     layers and 5 the recovery layer (``qkv`` split into ``q`` and ``kv``), 3-4 stay ViT blocks over semantic
-    tokens. Global semantic tokens start at zero, so every converted layer computes what the source block
-    did, with the semantic tokens in place of (or as keys for) the image tokens.
+    tokens (``DUMBBELL_UNIT_PARTS``). Global semantic tokens start at zero, so every converted layer computes
+    what the source block did, with the semantic tokens in place of (or as keys for) the image tokens.
     """
     state_dict = _prepare_vit_state_dict(state_dict, model)
     if any(re.match(r"blocks\.\d+\.(image_blocks|generator|semantic_blocks|recovery)\.", k) for k in state_dict):
         return state_dict
-    depths = {int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))}
-    model_depth = len(model.blocks) * R_UNIT_DEPTH
-    if not depths or max(depths) + 1 != model_depth:
-        raise ValueError(
-            f"source model has {max(depths) + 1 if depths else 0} blocks, STViT-R model expects {model_depth}"
-        )
+    depth, model_depth = _source_depth(state_dict), len(model.blocks) * DUMBBELL_UNIT_DEPTH
+    if depth != model_depth:
+        raise ValueError(f"source model has {depth} blocks, STViT-R model expects {model_depth}")
     out: Dict[str, torch.Tensor] = {}
     for k, v in state_dict.items():
         m = re.match(r"blocks\.(\d+)\.(.*)", k)
-        if m is None:
-            out[k] = v
-            continue
-        i, rest = int(m.group(1)), m.group(2)
-        part = _R_UNIT_PARTS[i % R_UNIT_DEPTH]
-        prefix = f"blocks.{i // R_UNIT_DEPTH}.{part}."
-        if part.startswith(("generator", "recovery")):
-            out.update(self_to_cross_attention_keys(prefix, rest, v))
-        else:
-            out[prefix + rest] = v
+        out.update(dumbbell_unit_keys("blocks.", int(m.group(1)), m.group(2), v, _R_SELF_ATTENTION) if m else {k: v})
     for name, p in model.named_parameters():
-        if name.endswith("generator.global_tokens"):
+        if name.endswith("generator.global_semantic_tokens"):
             out[name] = torch.zeros_like(p)
     return out
 
 
 def _create_stvit_r_deit(variant: str, pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
-    out_indices = kwargs.pop("out_indices", 2)
+    depth = kwargs.get("depth", 12)
+    out_indices = kwargs.pop("out_indices", tuple(range(1, 2 * (depth // DUMBBELL_UNIT_DEPTH), 2)))  # unit outputs
     return build_model_with_cfg(
         RecoveryVisionTransformer,
         variant,
@@ -469,9 +613,9 @@ def _create_stvit_r_deit(variant: str, pretrained: bool = False, **kwargs: Any) 
 
 default_cfgs.update(generate_default_cfgs(
     {
-        "stvit_r_deit_tiny_patch16_224.fb_in1k": _cfg("deit_tiny_patch16_224.fb_in1k"),
-        "stvit_r_deit_small_patch16_224.fb_in1k": _cfg("deit_small_patch16_224.fb_in1k"),
-        "stvit_r_deit_base_patch16_224.fb_in1k": _cfg("deit_base_patch16_224.fb_in1k"),
+        "stvit_r_deit_tiny_patch16_224.fb_in1k_converted": _cfg("deit_tiny_patch16_224.fb_in1k"),
+        "stvit_r_deit_small_patch16_224.fb_in1k_converted": _cfg("deit_small_patch16_224.fb_in1k"),
+        "stvit_r_deit_base_patch16_224.fb_in1k_converted": _cfg("deit_base_patch16_224.fb_in1k"),
         "stvit_r_vit_patch16_224": _cfg(None, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9),
     }
 ))
@@ -479,21 +623,33 @@ default_cfgs.update(generate_default_cfgs(
 
 @register_model
 def stvit_r_deit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
-    """STViT-R-DeiT-Tiny: DeiT-T as 2 dumbbell units (16 semantic tokens), 14x14 output map."""
+    """STViT-R-DeiT-Tiny: DeiT-T as 2 dumbbell units (16 semantic tokens), 14x14 output maps.
+
+    ``pretrained=True`` loads DeiT-T's ImageNet-1k weights converted, not fine-tuned as STViT (tag
+    ``fb_in1k_converted``): accuracy right after conversion is well below DeiT-T's; fine-tune first.
+    """
     model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
     return _create_stvit_r_deit("stvit_r_deit_tiny_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def stvit_r_deit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
-    """STViT-R-DeiT-Small: DeiT-S as 2 dumbbell units (16 semantic tokens), 14x14 output map."""
+    """STViT-R-DeiT-Small: DeiT-S as 2 dumbbell units (16 semantic tokens), 14x14 output maps.
+
+    ``pretrained=True`` loads DeiT-S's ImageNet-1k weights converted, not fine-tuned as STViT (tag
+    ``fb_in1k_converted``): accuracy right after conversion is well below DeiT-S's; fine-tune first.
+    """
     model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     return _create_stvit_r_deit("stvit_r_deit_small_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def stvit_r_deit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> RecoveryVisionTransformer:
-    """STViT-R-DeiT-Base: DeiT-B as 2 dumbbell units (16 semantic tokens), 14x14 output map."""
+    """STViT-R-DeiT-Base: DeiT-B as 2 dumbbell units (16 semantic tokens), 14x14 output maps.
+
+    ``pretrained=True`` loads DeiT-B's ImageNet-1k weights converted, not fine-tuned as STViT (tag
+    ``fb_in1k_converted``): accuracy right after conversion is well below DeiT-B's; fine-tune first.
+    """
     model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_stvit_r_deit("stvit_r_deit_base_patch16_224", pretrained=pretrained, **dict(model_args, **kwargs))
 
