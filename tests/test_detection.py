@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -188,7 +187,8 @@ def test_train_detector_script_runs_and_saves(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "train_detector.py"), "--model-arg", "embed_dim=16",
          "--model-arg", "num_heads=[1,2,4,8]", "--fpn-channels", "32", "--steps", "2", "--train-images", "4",
-         "--val-images", "2", "--output", str(out), "--json"],
+         "--val-images", "2", "--detector-arg", "rpn_post_nms_top_n_train=100", "--detector-arg",
+         "rpn_post_nms_top_n_test=50", "--output", str(out), "--json"],
         capture_output=True, text=True, env=cli_env(), cwd=REPO_ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
