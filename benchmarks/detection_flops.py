@@ -1,0 +1,174 @@
+"""Detection-scale backbone GMACs: timm's Swin, our STViT-R-Swin, and the released STViT-R detector's layout.
+
+    python benchmarks/detection_flops.py [--size 800 1344]
+
+Prints the Markdown tables of docs/dense-tasks.md ("Detection-scale FLOPs"). Runs on the meta device in
+seconds. Four columns per part of stage 3 (summed over its dumbbell units):
+
+(a) timm's Swin (the Swin blocks at the depths the dumbbell unit replaces), measured;
+(b) our STViT-R-Swin (``dynamic_img_size=True``), measured;
+(c) the released detection backbone's layout (github.com/changsn/STViT-R-Object-Detection, config
+    ``window_sample_size=3, k_window_size_1=14, k_window_size_2=21, restore_k_window_size=27``) computed
+    efficiently: keys and values projected once per token, then gathered into each window's neighbourhood;
+(d) the released code as written: it projects keys and values for every slot of every window's
+    (overlapping, zero-padded) neighbourhood after ``F.unfold``.
+
+Measured columns come from torch's FlopCounterMode under the math SDPA backend (as stvit_core.flops counts),
+per module. (c) and (d) are counted with closed-form MACs per part; the same formulas reproduce the measured
+(a) and (b) per part exactly (checked below), and (d) reproduces the totals measured on the released code
+(10.35 GMACs at 224 px, 241.0 at 800x1344, docs/dense-tasks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Tuple
+
+import timm
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import stvit_core  # noqa: F401  (registers the models)
+
+WINDOW, TOKENS_PER_WINDOW = 7, 9
+UNIT_PARTS = ("Swin block (image tokens)", "generator layer 1 (local)", "generator layer 2",
+              "semantic layer (per window)", "semantic layer (all)", "recovery")
+UNIT_KEYS = ("image_blocks", "generator.layers.0", "generator.layers.1", "semantic_blocks.0", "semantic_blocks.1",
+             "recovery")
+SIZES = {"small": (96, (2, 2, 18, 2)), "base": (128, (2, 2, 18, 2))}
+PAPER = {"small": (194, 134), "base": (343, 233)}
+RELEASE_NEIGHBOURHOODS = (14, 21, 27)  # k_window_size_1, k_window_size_2, restore_k_window_size
+OUR_NEIGHBOURHOOD = 10  # the classification layout's local generator layer (window + 3)
+
+
+def module_gmacs(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, float]:
+    """GMACs per module name (prefix of the root class stripped), attention matmuls counted (math SDPA)."""
+    counter = FlopCounterMode(display=False, depth=None)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        model(torch.zeros(1, 3, *size, device="meta"))
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        out[name.split(".", 1)[1] if "." in name else ""] = sum(ops.values()) / 2e9
+    return out
+
+
+def backbone(name: str, size: Tuple[int, int]) -> torch.nn.Module:
+    with torch.device("meta"):
+        return timm.create_model(name, features_only=True, feature_cls="getter", dynamic_img_size=True,
+                                 img_size=size)
+
+
+def measured_parts(size_name: str, size: Tuple[int, int]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """(a) and (b): stem, stages 1, 2, 4, stage 3's downsample and its six unit parts (summed over units)."""
+    depth3 = SIZES[size_name][1][2]
+    swin = module_gmacs(backbone(f"swin_{size_name}_patch4_window7_224", size), size)
+    ours = module_gmacs(backbone(f"stvit_r_swin_{size_name}_patch4_window7_224", size), size)
+    a: Dict[str, float] = {}
+    b: Dict[str, float] = {}
+    for table, counts in ((a, swin), (b, ours)):
+        table["stem"] = counts["model.patch_embed"]
+        for s in (0, 1, 3):
+            table[f"stage {s + 1}"] = counts[f"model.layers.{s}"]
+        table["stage 3 downsample"] = counts["model.layers.2.downsample"]
+    for i, part in enumerate(UNIT_PARTS):
+        a[part] = sum(swin[f"model.layers.2.blocks.{j}"] for j in range(i, depth3, 6))
+        b[part] = sum(ours[f"model.layers.2.units.{u}.{UNIT_KEYS[i]}"] for u in range(depth3 // 6))
+    return a, b
+
+
+# ---- closed-form MACs of one unit at stage 3 -------------------------------------------------------------
+
+
+def stage3_geometry(size: Tuple[int, int]) -> Dict[str, int]:
+    h, w = -(-size[0] // 16), -(-size[1] // 16)  # stride 16 (timm pads odd maps before each patch merging)
+    nh, nw = -(-h // WINDOW), -(-w // WINDOW)
+    return dict(h=h, w=w, N=h * w, Np=nh * nw * WINDOW ** 2, nW=nh * nw, S=nh * nw * TOKENS_PER_WINDOW,
+                sh=nh * 3, sw=nw * 3)
+
+
+def block_macs(C: int, queries: int, kv_tokens: int, pairs: int, mlp_tokens: int) -> float:
+    """A pre-norm attention block: q and output projections on ``queries`` tokens, the kv projection on
+    ``kv_tokens``, the two attention matmuls over ``pairs`` query-key pairs, the MLP (ratio 4) on
+    ``mlp_tokens``."""
+    return (2 * queries * C * C + 2 * kv_tokens * C * C + 2 * pairs * C + 8 * mlp_tokens * C * C) / 1e9
+
+
+def swin_block_macs(C: int, g: Dict[str, int]) -> float:
+    """A Swin block: qkv, attention and projection on the map padded to whole windows, MLP on the real map."""
+    return block_macs(C, g["Np"], g["Np"], g["Np"] * WINDOW ** 2, g["N"])
+
+
+def unit_formulas(C: int, size: Tuple[int, int]) -> Dict[str, Tuple[float, ...]]:
+    """Per part: (timm Swin, ours, release efficient, release as written) MACs of one unit."""
+    g = stage3_geometry(size)
+    N, Np, S, nW = g["N"], g["Np"], g["S"], g["nW"]
+    T = TOKENS_PER_WINDOW
+    k1, k2, kr = RELEASE_NEIGHBOURHOODS
+    ours_k1 = min(OUR_NEIGHBOURHOOD, g["h"]) * min(OUR_NEIGHBOURHOOD, g["w"])
+    swin = swin_block_macs(C, g)
+    sem_window = block_macs(C, S, S, S * T, S)
+    sem_all = block_macs(C, S, S, S * S, S)
+    return {
+        UNIT_PARTS[0]: (swin, swin, swin, swin),
+        UNIT_PARTS[1]: (swin, block_macs(C, S, S + N, S * (T + ours_k1), S),
+                        block_macs(C, S, N, S * k1 * k1, S), block_macs(C, S, nW * k1 * k1, S * k1 * k1, S)),
+        UNIT_PARTS[2]: (swin, block_macs(C, S, S + N, S * (S + N), S),
+                        block_macs(C, S, N, S * k2 * k2, S), block_macs(C, S, nW * k2 * k2, S * k2 * k2, S)),
+        UNIT_PARTS[3]: (swin, sem_window, sem_window, sem_window),
+        UNIT_PARTS[4]: (swin, sem_all, sem_all, sem_all),
+        # the release's recovery queries are the image tokens of the padded windows (49 per window)
+        UNIT_PARTS[5]: (swin, block_macs(C, N, S, N * S, N),
+                        block_macs(C, Np, S, Np * kr * kr, N), block_macs(C, Np, nW * kr * kr, Np * kr * kr, N)),
+    }
+
+
+def columns(size_name: str, size: Tuple[int, int]) -> Dict[str, Tuple[float, float, float, float]]:
+    """Every part's GMACs in the four columns; checks the formulas against the measured (a) and (b)."""
+    C = SIZES[size_name][0] * 4
+    units = SIZES[size_name][1][2] // 6
+    a, b = measured_parts(size_name, size)
+    formulas = unit_formulas(C, size)
+    rows: Dict[str, Tuple[float, float, float, float]] = {}
+    for part in ("stem", "stage 1", "stage 2", "stage 3 downsample"):
+        rows[part] = (a[part], b[part], b[part], b[part])  # the release keeps the conv stem and stages 1, 2, 4
+    for part in UNIT_PARTS:
+        f = tuple(units * v for v in formulas[part])
+        for measured, formula in ((a[part], f[0]), (b[part], f[1])):
+            if abs(measured - formula) > 1e-3 * max(1.0, measured):
+                raise SystemExit(f"formula for {part!r} is off: {formula:.4f} vs measured {measured:.4f} GMACs")
+        rows[part] = (a[part], b[part], f[2], f[3])
+    rows["stage 4"] = (a["stage 4"], b["stage 4"], b["stage 4"], b["stage 4"])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"))
+    args = p.parse_args()
+    size = tuple(args.size)
+    heads = "| part | (a) timm Swin | (b) ours | (c) release layout, efficient | (d) release code as written |"
+    for size_name in SIZES:
+        print(f"\nSTViT-R-Swin-{size_name[0].upper()} backbone at {size[0]}x{size[1]}, GMACs "
+              f"(stage 3 parts summed over its {SIZES[size_name][1][2] // 6} units)\n")
+        print(heads)
+        print("|---|---|---|---|---|")
+        rows = columns(size_name, size)
+        for part, cells in rows.items():
+            print(f"| {part} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+        stage3 = [sum(rows[p][i] for p in ("stage 3 downsample", *UNIT_PARTS)) for i in range(4)]
+        total = [sum(r[i] for r in rows.values()) for i in range(4)]
+        print("| **stage 3** | " + " | ".join(f"**{v:.1f}**" for v in stage3) + " |")
+        base = total[0]
+        print("| **backbone** | " + " | ".join(f"**{v:.1f}** ({v / base - 1:+.0%})" if i else f"**{v:.1f}**"
+                                                for i, v in enumerate(total)) + " |")
+        print(f"\nPaper: Swin-{size_name[0].upper()} {PAPER[size_name][0]}, "
+              f"STViT-R-Swin-{size_name[0].upper()} {PAPER[size_name][1]} GFLOPs.")
+    small_224 = columns("small", (224, 224))
+    print("\nSwin-S layouts at 224 px (backbone GMACs): " + ", ".join(
+        f"{name} {sum(r[i] for r in small_224.values()):.2f}"
+        for i, name in enumerate(("(a)", "(b)", "(c)", "(d)"))))
+
+
+if __name__ == "__main__":
+    main()

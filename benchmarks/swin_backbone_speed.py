@@ -1,0 +1,227 @@
+"""CPU speed of STViT-R-Swin-S against timm's Swin-S as feature backbones, and where STViT-R's time goes.
+
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 224 224 --batch-size 8
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 800 1344 --batch-size 1
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py parts --size 224 224 --batch-size 8
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py ops --size 224 224 --batch-size 8
+    OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
+
+All models are ``features_only`` backbones (four NCHW maps), fp32, inference mode, random weights; timm's
+Swin runs its window attention through ``scaled_dot_product_attention`` (``fused_attn``, what
+``TIMM_FUSED_ATTN=2`` selects). ``throughput`` times the models in one process, alternating rounds
+(stvit_core.benchmark). ``parts`` times every part of stage 3 on its own captured input (summed over the
+units; timm's blocks grouped by the unit position they correspond to) next to its share of the FLOPs.
+``ops`` profiles stage 3 of both models with torch.profiler and prints the top operators; ``part-ops`` does so
+for every part of STViT-R-Swin-S's stage 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import timm
+import torch
+from timm.models.swin_transformer import WindowAttention
+
+import stvit_core  # noqa: F401  (registers the models)
+from stvit_core.benchmark import BenchmarkSettings, benchmark_models
+from stvit_core.flops import count_flops
+
+UNIT_PARTS = ("Swin block", "generator layer 1", "generator layer 2", "semantic (window)", "semantic (all)",
+              "recovery")
+
+
+def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
+    kw = dict(features_only=True, feature_cls="getter", img_size=size, dynamic_img_size=size != (224, 224))
+    models = {
+        "timm Swin-S (SDPA)": timm.create_model("swin_small_patch4_window7_224", **kw),
+        "STViT-R-Swin-S (conv stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", **kw),
+        "STViT-R-Swin-S (patch stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", stem="patch", **kw),
+    }
+    for model in models.values():
+        model.eval()
+        for m in model.modules():
+            if isinstance(m, WindowAttention):
+                m.fused_attn = True
+    return models
+
+
+def throughput(size: Tuple[int, int], batch_size: int, rounds: int) -> None:
+    models = backbones(size)
+    settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, min_round_time=2.0)
+    results = benchmark_models(models, (3, *size), settings)
+    base = "timm Swin-S (SDPA)"
+    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | GMACs | "
+          "img/s (median) | rounds | speedup | FLOPs ratio |")
+    print("|---|---|---|---|---|---|")
+    base_flops = count_flops(models[base], (3, *size))
+    for name, r in results.items():
+        flops = count_flops(models[name], (3, *size))
+        rounds_text = " / ".join(f"{v:.3g}" for v in r["img_per_sec_rounds"])
+        print(f"| {name} | {flops:.2f} | {r['img_per_sec']:.3g} | {rounds_text} | "
+              f"{r['img_per_sec'] / results[base]['img_per_sec']:.2f}x | {base_flops / flops:.2f}x |")
+
+
+@torch.inference_mode()
+def _median_time(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _stage3_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The NHWC input of stage 3's first block (after its patch merging)."""
+    inner = model.model
+    with torch.inference_mode():
+        h = inner.layers[1](inner.layers[0](inner.patch_embed(x)))
+        return inner.layers[2].downsample(h)
+
+
+def _count(fn: Callable[[], object]) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+        fn()
+    return counter.get_total_flops() / 2e9
+
+
+def part_calls(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, List[Callable[[], object]]]:
+    """One zero-argument call per block of stage 3 (on its real input), grouped by unit position."""
+    stage = model.model.layers[2]
+    calls: Dict[str, List[Callable[[], object]]] = {p: [] for p in UNIT_PARTS}
+    h = _stage3_input(model, x)
+    with torch.inference_mode():
+        if hasattr(stage, "units"):
+            for unit in stage.units:
+                s = unit.generator(unit.image_blocks(h))
+                s2 = unit.semantic_blocks(s)
+                calls[UNIT_PARTS[0]].append(lambda u=unit, h=h: u.image_blocks(h))
+                hh = unit.image_blocks(h)
+                calls[UNIT_PARTS[1]].append(lambda u=unit, hh=hh: u.generator.layers[0](*_gen0_args(u, hh)))
+                s1 = unit.generator.layers[0](*_gen0_args(unit, hh))
+                calls[UNIT_PARTS[2]].append(lambda u=unit, s1=s1, hh=hh: u.generator.layers[1](
+                    s1, torch.cat([s1, hh.flatten(1, 2)], 1)))
+                calls[UNIT_PARTS[3]].append(lambda u=unit, s=s: u.semantic_blocks[0](s))
+                s3 = unit.semantic_blocks[0](s)
+                calls[UNIT_PARTS[4]].append(lambda u=unit, s3=s3: u.semantic_blocks[1](s3))
+                calls[UNIT_PARTS[5]].append(lambda u=unit, hh=hh, s2=s2: u.recovery(hh, s2))
+                h = unit(h)
+        else:
+            for j, block in enumerate(stage.blocks):
+                calls[UNIT_PARTS[j % 6]].append(lambda b=block, h=h: b(h))
+                h = block(h)
+    return calls
+
+
+def _gen0_args(unit: torch.nn.Module, x: torch.Tensor):
+    """The local generator layer's inputs: pooled tokens, concat(pooled, image tokens), gather index."""
+    from stvit_core.layers import pool_windows
+
+    gen = unit.generator
+    B, H, W, C = x.shape
+    pooled = pool_windows(x, gen.window_size, gen.side, gen.pool)
+    return pooled, torch.cat([pooled, x.reshape(B, H * W, C)], 1), gen.context_index((H, W), x.device)
+
+
+def parts(size: Tuple[int, int], batch_size: int, reps: int) -> None:
+    models = backbones(size)
+    x = torch.randn(batch_size, 3, *size)
+    print(f"| part of stage 3 ({size[0]}x{size[1]}, batch {batch_size}) | timm Swin-S ms | GMACs | "
+          "STViT-R-Swin-S ms | GMACs | time ratio | FLOPs ratio |")
+    print("|---|---|---|---|---|---|---|")
+    timed = {}
+    for name in ("timm Swin-S (SDPA)", "STViT-R-Swin-S (patch stem)"):
+        calls = part_calls(models[name], x)
+        timed[name] = {p: (sum(_median_time(c, reps) for c in cs) * 1e3, sum(_count(c) for c in cs))
+                       for p, cs in calls.items()}
+    base, ours = timed["timm Swin-S (SDPA)"], timed["STViT-R-Swin-S (patch stem)"]
+    for p in UNIT_PARTS:
+        (tb, fb), (to, fo) = base[p], ours[p]
+        print(f"| {p} | {tb:.1f} | {fb:.3f} | {to:.1f} | {fo:.3f} | {tb / to:.2f}x | {fb / fo:.2f}x |")
+    tb, fb = (sum(v[i] for v in base.values()) for i in (0, 1))
+    to, fo = (sum(v[i] for v in ours.values()) for i in (0, 1))
+    print(f"| **stage 3** | {tb:.1f} | {fb:.3f} | {to:.1f} | {fo:.3f} | {tb / to:.2f}x | {fb / fo:.2f}x |")
+    for name, model in models.items():
+        inner = model.model
+        with torch.inference_mode():
+            h0 = inner.patch_embed(x)
+            h1 = inner.layers[0](h0)
+            h2 = inner.layers[1](h1)
+            h3 = inner.layers[2](h2)
+        t = {
+            "stem": _median_time(lambda: inner.patch_embed(x), reps),
+            "stage 1": _median_time(lambda: inner.layers[0](h0), reps),
+            "stage 2": _median_time(lambda: inner.layers[1](h1), reps),
+            "stage 3": _median_time(lambda: inner.layers[2](h2), reps),
+            "stage 4": _median_time(lambda: inner.layers[3](h3), reps),
+            "whole": _median_time(lambda: model(x), reps),
+        }
+        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
+
+
+def ops(size: Tuple[int, int], batch_size: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    models = backbones(size)
+    x = torch.randn(batch_size, 3, *size)
+    for name in ("timm Swin-S (SDPA)", "STViT-R-Swin-S (patch stem)"):
+        stage = models[name].model.layers[2]
+        h = _stage3_input(models[name], x)
+        with torch.inference_mode():
+            for _ in range(2):
+                stage.blocks(h) if hasattr(stage, "blocks") else stage.units(h)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    stage.blocks(h) if hasattr(stage, "blocks") else stage.units(h)
+        print(f"\n### {name}: stage 3 without its patch merging, 3 calls\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def part_ops(size: Tuple[int, int], batch_size: int, rows: int) -> None:
+    """Top operators of every part of STViT-R-Swin-S's stage 3 (all units), one profile per part."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = backbones(size)["STViT-R-Swin-S (patch stem)"]
+    calls = part_calls(model, torch.randn(batch_size, 3, *size))
+    for part, fns in calls.items():
+        with torch.inference_mode():
+            for fn in fns:
+                fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    for fn in fns:
+                        fn()
+        print(f"\n### {part} (all units, 3 calls)\n")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("throughput", "parts", "ops", "part-ops"))
+    p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    size = tuple(args.size)
+    torch.manual_seed(0)
+    if args.what == "throughput":
+        throughput(size, args.batch_size, args.rounds)
+    elif args.what == "parts":
+        parts(size, args.batch_size, args.rounds)
+    elif args.what == "ops":
+        ops(size, args.batch_size, 25)
+    else:
+        part_ops(size, args.batch_size, 12)
+
+
+if __name__ == "__main__":
+    main()
