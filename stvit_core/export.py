@@ -433,7 +433,10 @@ def export_model(
         expected = {b: _outputs(model(inputs[b])) for b in checks}
     names = _output_names(model, inputs[example_batch])
     program = trace_model(model, inputs[example_batch], dynamic_batch=dynamic)
-    result: Dict[str, Any] = {"model": _architecture(model), "output": str(output), "format": format,
+    classifier = getattr(model, "model", model)  # timm's feature wrappers keep the model as .model
+    result: Dict[str, Any] = {"model": _architecture(model), "tokens": getattr(classifier, "num_semantic_tokens", None),
+                              "tokens_per_window": getattr(classifier, "semantic_tokens_per_window", None),
+                              "output": str(output), "format": format,
                               "dynamic_batch": dynamic, "batch_size": batch_size, "opset": None,
                               "input_size": list(inputs[example_batch].shape[1:]), "outputs": names}
     with _temporary_file(output, suffix=f".{format}") as tmp:  # torch.export.load wants a name ending in .pt2
