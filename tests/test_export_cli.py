@@ -1,10 +1,11 @@
-"""``stvit export``: ONNX and .pt2 files, dynamic and fixed batch, feature maps, the metadata a serving stack reads,
-and the check of the written file against PyTorch.
+"""``stvit export`` and ``stvit predict``: ONNX and .pt2 files, dynamic and fixed batch, feature maps, the metadata
+a serving stack reads, the check of the written file against PyTorch; predictions of a model fine-tuned on the
+embedded Fashion-MNIST subset from its directory and from its .onnx; every code block of docs/deploy.md.
 
-Each test exports a tiny real model (28 px, width 48) once and then runs the file independently of the command's
-own check (onnxruntime / ``torch.export.load`` at a batch size the check did not use). Bad inputs (unknown
-format, an existing or unwritable output, a model that is not STViT, onnxruntime missing...) are in
-test_cli_contract.py.
+Each export test exports a tiny real model (28 px, width 48) once and then runs the file independently of the
+command's own check (onnxruntime / ``torch.export.load`` at a batch size the check did not use). Bad inputs
+(unknown format, an existing or unwritable output, a model that is not STViT...) are in test_cli_contract.py;
+onnxruntime missing is also tested here in a real process.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ HELD_OUT_PER_CLASS = 5  # 10 classes x 5 = 50 images the fine-tune never saw (ne
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """A tiny STViT-DeiT fine-tuned briefly on 300 images, its exported .onnx, and 50 held-out images."""
+    """A tiny STViT-DeiT (16 tokens) trained briefly on the 2000 training images, and 50 held-out images."""
     import shutil
 
     from stvit_core.train import resolve_config, train
@@ -182,7 +183,7 @@ def finetuned(tmp_path_factory):
     from .train_utils import make_subset, tiny_stvit
 
     root = tmp_path_factory.mktemp("fm")
-    data = make_subset(root / "data", 30, 5)
+    data = make_subset(root / "data", 200, 5)
     held_out = root / "held-out"
     source = embedded_dataset_path() / "val"
     for name in LABELS:  # the val images after the 5 per class the run selects its best epoch on
@@ -193,15 +194,55 @@ def finetuned(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = resolve_config(overrides=dict(data=str(data), output=str(root / "run"), epochs=5, batch_size=10,
-                                            workers=0, lr=1e-3, warmup_epochs=0.5, scale_min=0.5, drop_path=0.0,
-                                            smoothing=0.0))
-        train(cfg, tiny_stvit(tokens=4))
+        cfg = resolve_config(overrides=dict(data=str(data), output=str(root / "run"), epochs=4, batch_size=32,
+                                            workers=0, lr=3e-3, warmup_epochs=0.5, scale_min=0.9, drop_path=0.0,
+                                            smoothing=0.0, quiet=True))
+        train(cfg, tiny_stvit(tokens=16))
     finally:
         torch.set_num_threads(threads)
-    best = root / "run" / "best"
-    _run_ok(["export", str(best), "-o", str(root / "fm.onnx")])
-    return {"model": best, "onnx": root / "fm.onnx", "images": held_out}
+    return {"model": root / "run" / "best", "images": held_out}
+
+
+@pytest.fixture(scope="module")
+def deployed(finetuned, tmp_path_factory):
+    """Every code block of docs/deploy.md run in order on the fine-tuned model (as ``runs/fm/best``, the kind of
+    model docs/training.md fine-tunes; tests/test_train.py runs that page): ``stvit`` commands in process, the
+    Python blocks in one shared session (the serving block defines what the next one checks). Its ``fm.onnx``
+    is the exported file the predict tests use."""
+    import shlex
+    import shutil
+
+    from .train_utils import doc_blocks
+
+    work = tmp_path_factory.mktemp("deploy")
+    shutil.copytree(finetuned["model"], work / "runs" / "fm" / "best")
+    session: dict = {"__name__": "__doc__"}
+    blocks = doc_blocks(ROOT / "docs" / "deploy.md")
+    outputs = []
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        for language, text in blocks:
+            if language == "python":
+                exec(compile(text, "deploy.md (python block)", "exec"), session)
+                continue
+            for command in text.replace("\\\n", " ").strip().splitlines():
+                words = shlex.split(command, comments=True)
+                assert words[:1] == ["stvit"], command
+                result = cli_in_process(words[1:])
+                assert result.returncode == 0, f"{command}\n{result.stderr}"
+                outputs.append(result.stdout)
+    finally:
+        os.chdir(cwd)
+    return {"languages": [language for language, _ in blocks], "outputs": outputs, "onnx": work / "fm.onnx",
+            "model": finetuned["model"], "images": finetuned["images"]}
+
+
+@pytest.mark.slow
+def test_deploy_docs_run(deployed):
+    assert deployed["languages"] == ["bash", "python", "python", "python", "bash"]
+    assert deployed["onnx"].is_file() and "checked with onnxruntime" in deployed["outputs"][0]
+    assert len(json.loads(deployed["outputs"][-1])["predictions"]) == 50  # stvit predict fm.onnx coats/ --json
 
 
 def _top1(stdout: str) -> dict:
@@ -209,14 +250,14 @@ def _top1(stdout: str) -> dict:
 
 
 @pytest.mark.slow
-def test_predict_is_right_for_most_held_out_images_and_the_onnx_file_agrees(finetuned):
-    from_dir = _run_ok(["predict", str(finetuned["model"]), str(finetuned["images"]), "--json"])
-    from_onnx = _run_ok(["predict", str(finetuned["onnx"]), str(finetuned["images"]), "--json", "-k", "3"])
+def test_predict_is_right_for_most_held_out_images_and_the_onnx_file_agrees(deployed):
+    from_dir = _run_ok(["predict", str(deployed["model"]), str(deployed["images"]), "--json"])
+    from_onnx = _run_ok(["predict", str(deployed["onnx"]), str(deployed["images"]), "--json", "-k", "3"])
     torch_top1, onnx_top1 = _top1(from_dir.stdout), _top1(from_onnx.stdout)
     assert len(torch_top1) == 10 * HELD_OUT_PER_CLASS
     assert onnx_top1 == torch_top1  # the same top-1 class for every image
     right = sum(Path(image).parent.name == label for image, label in torch_top1.items())
-    assert right >= 25, f"{right}/50 right (chance: 5)"
+    assert right > 25, f"{right}/50 right (chance: 5)"  # most of them
     r = json.loads(from_onnx.stdout)
     assert r["runtime"] == "onnxruntime" and r["top_k"] == 3 and r["errors"] == []
     assert all(len(p["top_k"]) == 3 and 0 <= p["top_k"][0]["probability"] <= 1 for p in r["predictions"])
@@ -225,11 +266,11 @@ def test_predict_is_right_for_most_held_out_images_and_the_onnx_file_agrees(fine
 
 
 @pytest.mark.slow
-def test_predict_text_output_and_an_unreadable_image(finetuned, tmp_path):
-    images = sorted((finetuned["images"] / "coat").iterdir())[:2]
+def test_predict_text_output_and_an_unreadable_image(deployed, tmp_path):
+    images = sorted((deployed["images"] / "coat").iterdir())[:2]
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
-    for model in (finetuned["model"], finetuned["onnx"]):
+    for model in (deployed["model"], deployed["onnx"]):
         result = cli_in_process(["predict", str(model), str(images[0]), str(bad), str(images[1]), "-k", "2"])
         assert result.returncode == 1
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -259,30 +300,3 @@ def test_without_onnxruntime_export_and_predict_say_which_extra_and_write_nothin
         assert len(lines) == 1 and lines[0].startswith("Error: ") and "onnxruntime" in lines[0], result.stderr
         assert "pip install 'stvit[export]'" in lines[0]
         assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["any.onnx", "out", "shim"]
-
-
-@pytest.mark.slow
-def test_deploy_docs_run(finetuned, tmp_path, monkeypatch):
-    """Every code block of docs/deploy.md, in order: ``stvit`` commands in process, the Python blocks in one
-    shared session (the serving block defines what the next one checks). ``runs/fm/best`` is the fine-tuned
-    model of the fixture, the same kind of model docs/training.md fine-tunes (tests/test_train.py runs that)."""
-    import shlex
-    import shutil
-
-    from .train_utils import doc_blocks
-
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(finetuned["model"], tmp_path / "runs" / "fm" / "best")
-    session: dict = {"__name__": "__doc__"}
-    blocks = doc_blocks(ROOT / "docs" / "deploy.md")
-    assert [language for language, _ in blocks] == ["bash", "python", "python", "python", "bash"]
-    for language, text in blocks:
-        if language == "python":
-            exec(compile(text, "deploy.md (python block)", "exec"), session)
-            continue
-        for command in text.replace("\\\n", " ").strip().splitlines():
-            words = shlex.split(command, comments=True)
-            assert words[:1] == ["stvit"], command
-            result = cli_in_process(words[1:])
-            assert result.returncode == 0, f"{command}\n{result.stderr}"
-    assert (tmp_path / "fm.onnx").is_file() and len(json.loads(result.stdout)["predictions"]) == 50
