@@ -280,6 +280,7 @@ def test_predict_text_output_and_an_unreadable_image(deployed, tmp_path):
         assert all(len(ln.split(": ")[1].split(", ")) == 2 for ln in out), out
 
 
+@pytest.mark.slow
 def test_without_onnxruntime_export_and_predict_say_which_extra_and_write_nothing(stvit_dir, tmp_path):
     """A real process where ``import onnxruntime`` fails (a shim package first on PYTHONPATH), as in an install
     without ``stvit[export]``."""
