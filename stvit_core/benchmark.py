@@ -4,15 +4,22 @@ Both models are built the same way, put on the same device and dtype, compiled (
 timed in one process with ``torch.utils.benchmark.Timer`` (CUDA synchronised, warm-up excluded, the thread
 count of the process). The models alternate round by round so that machine noise (other processes, clock
 changes) hits both; each model's figure is the median over rounds.
+
+``runtime='onnxruntime'`` times both models exported to ONNX (dynamic batch, ``stvit_core.export``) and run by
+onnxruntime in the same process, with the same alternating rounds and the same result schema. With
+``latency=True`` every step is timed on its own, which gives the p50/p95 latency of a batch as well
+(:func:`benchmark_batch_sizes` does this for several batch sizes, :func:`plot_batch_sizes` draws it).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -21,9 +28,11 @@ from .device import resolve_device
 from .errors import DownloadError, InvalidArgumentError
 from .flops import count_flops, count_params
 
-__all__ = ["BenchmarkSettings", "benchmark_models", "benchmark_pair", "check_settings", "models_for_benchmark"]
+__all__ = ["RUNTIMES", "BenchmarkSettings", "benchmark_batch_sizes", "benchmark_models", "benchmark_pair",
+           "check_settings", "models_for_benchmark", "plot_batch_sizes", "step_factories"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RUNTIMES = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -38,6 +47,8 @@ class BenchmarkSettings:
     warmup: int = 2
     rounds: int = 5
     min_round_time: float = 1.0  # seconds of work per model per round; sets the steps per round
+    runtime: str = "torch"  # or 'onnxruntime': both models exported to ONNX
+    latency: bool = False  # time every step on its own: p50/p95 latency of a batch besides throughput
 
 
 def check_settings(settings: BenchmarkSettings) -> torch.device:
@@ -52,10 +63,31 @@ def check_settings(settings: BenchmarkSettings) -> torch.device:
             raise InvalidArgumentError(f"{name} must be at least {low}, got {value}")
     if not settings.min_round_time > 0:
         raise InvalidArgumentError(f"min_round_time must be positive, got {settings.min_round_time}")
+    if settings.runtime not in RUNTIMES:
+        raise InvalidArgumentError(f"unknown runtime {settings.runtime!r} (expected {' or '.join(RUNTIMES)})")
+    if settings.runtime == "onnxruntime":
+        return _check_onnxruntime_settings(settings)
     device = resolve_device(settings.device)
     if settings.cuda_graphs and device.type != "cuda":
         raise InvalidArgumentError("cuda_graphs=True needs a CUDA device")
     return device
+
+
+def _check_onnxruntime_settings(settings: BenchmarkSettings) -> torch.device:
+    """onnxruntime runs the exported inference graph in float32: torch-only settings cannot apply."""
+    from .export import ONNX_MODULES, onnx_providers, require_extra
+
+    torch_only = {"bench=train": settings.bench != "inference", f"dtype={settings.dtype}": settings.dtype != "float32",
+                  "compile=True": settings.compile, "cuda_graphs=True": settings.cuda_graphs,
+                  "channels_last=True": settings.channels_last}
+    given = [name for name, is_set in torch_only.items() if is_set]
+    if given:
+        raise InvalidArgumentError(f"{', '.join(given)} cannot apply to runtime=onnxruntime (it runs the exported "
+                                   "float32 inference graph)")
+    require_extra("export", ONNX_MODULES, "the onnxruntime benchmark")
+    first = onnx_providers(settings.device)[0]
+    name, options = first if isinstance(first, tuple) else (first, {})
+    return torch.device("cpu") if name == "CPUExecutionProvider" else torch.device("cuda", options.get("device_id", 0))
 
 
 def _sync(device: torch.device) -> None:
@@ -106,43 +138,102 @@ def _timer(step: Callable[[], Any]) -> Any:
     return Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
 
 
+def _onnx_session(model: nn.Module, input_size: Sequence[int], settings: BenchmarkSettings) -> Any:
+    """``model`` exported to ONNX with a dynamic batch (as ``stvit export`` does) in an onnxruntime session."""
+    from .export import onnx_providers, onnx_session, to_onnx, trace_model
+
+    example = torch.randn(2, *input_size)
+    program = trace_model(model.eval().cpu(), example, dynamic_batch=True)
+    proto = to_onnx(program, example, output_names=["output"]).model_proto.SerializeToString()
+    return onnx_session(proto, providers=onnx_providers(settings.device))
+
+
+StepFactory = Callable[[torch.Tensor], Callable[[], Any]]
+
+
+def _onnx_step_factory(session: Any) -> StepFactory:
+    feed = session.get_inputs()[0].name
+
+    def factory(x: torch.Tensor) -> Callable[[], Any]:
+        inputs = {feed: x.cpu().numpy()}
+        return lambda: session.run(None, inputs)
+
+    return factory
+
+
+def step_factories(models: Dict[str, nn.Module], input_size: Sequence[int],
+                   settings: BenchmarkSettings) -> Dict[str, StepFactory]:
+    """For each model, what makes the step to time from an input batch (torch: the model itself, compiled or
+    not; onnxruntime: its exported session, built once for every batch size)."""
+    device = check_settings(settings)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    factories: Dict[str, StepFactory] = {}
+    for name, model in models.items():
+        if settings.runtime == "onnxruntime":
+            factories[name] = _onnx_step_factory(_onnx_session(model, input_size, settings))
+        else:
+            model.to(device=device, memory_format=memory_format)
+            factories[name] = lambda x, m=model: _make_step(m, x, settings)
+    return factories
+
+
 def benchmark_models(
     models: Dict[str, nn.Module],
     input_size: Sequence[int],
     settings: Optional[BenchmarkSettings] = None,
+    factories: Optional[Dict[str, StepFactory]] = None,
 ) -> Dict[str, Dict[str, Any]]:
-    """Time each model on the same random batch; returns ``{name: {img_per_sec, peak_memory_mb, ...}}``."""
+    """Time each model on the same random batch; returns ``{name: {img_per_sec, peak_memory_mb, ...}}`` (and
+    ``latency_ms`` with ``settings.latency``). ``factories``: from :func:`step_factories`, to reuse them."""
     settings = settings or BenchmarkSettings()
     device = check_settings(settings)
+    factories = factories or step_factories(models, input_size, settings)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     x = torch.randn((settings.batch_size, *input_size), device=device).contiguous(memory_format=memory_format)
     timers, step_time, peak_memory = {}, {}, {}
-    for name, model in models.items():
-        model.to(device=device, memory_format=memory_format)
-        step = _make_step(model, x, settings)
+    for name in models:
+        step = factories[name](x)
         for _ in range(settings.warmup):  # compilation, allocator, cuDNN autotuning
             step()
         _sync(device)
-        if device.type == "cuda":
+        if device.type == "cuda" and settings.runtime == "torch":
             torch.cuda.reset_peak_memory_stats(device)
         timers[name] = _timer(step)
         step_time[name] = timers[name].timeit(1).mean  # sizes the rounds
-        peak_memory[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        peak_memory[name] = (torch.cuda.max_memory_allocated(device) / 2**20
+                             if device.type == "cuda" and settings.runtime == "torch" else None)
     iters = {n: max(1, math.ceil(settings.min_round_time / max(t, 1e-6))) for n, t in step_time.items()}
+    rates, steps = _alternating_rounds(timers, iters, settings)
+    results: Dict[str, Dict[str, Any]] = {}
+    for name, r in rates.items():
+        results[name] = {"img_per_sec": statistics.median(r), "img_per_sec_rounds": r,
+                         "peak_memory_mb": peak_memory[name], "steps_per_round": iters[name]}
+        if settings.latency:
+            results[name]["latency_ms"] = _percentiles(steps[name])
+    return results
 
+
+def _alternating_rounds(timers: Dict[str, Any], iters: Dict[str, int], settings: BenchmarkSettings):
+    """Rounds in which every model runs in turn: images/s per round and (latency mode) every step's seconds."""
     rates: Dict[str, List[float]] = {name: [] for name in timers}
+    steps: Dict[str, List[float]] = {name: [] for name in timers}
     for _ in range(settings.rounds):
         for name, timer in timers.items():
-            rates[name].append(settings.batch_size / timer.timeit(iters[name]).mean)
-    return {
-        name: {
-            "img_per_sec": statistics.median(r),
-            "img_per_sec_rounds": r,
-            "peak_memory_mb": peak_memory[name],
-            "steps_per_round": iters[name],
-        }
-        for name, r in rates.items()
-    }
+            if settings.latency:  # each step on its own (synchronised): its time is the latency of a batch
+                times = [timer.timeit(1).mean for _ in range(iters[name])]
+                steps[name].extend(times)
+                rates[name].append(settings.batch_size / statistics.fmean(times))
+            else:
+                rates[name].append(settings.batch_size / timer.timeit(iters[name]).mean)
+    return rates, steps
+
+
+def _percentiles(seconds: Sequence[float]) -> Dict[str, Any]:
+    import numpy as np
+
+    ms = np.asarray(seconds) * 1e3
+    return {"p50": round(float(np.percentile(ms, 50)), 3), "p95": round(float(np.percentile(ms, 95)), 3),
+            "steps": len(ms)}
 
 
 def benchmark_pair(
@@ -153,16 +244,43 @@ def benchmark_pair(
 ) -> Dict[str, Any]:
     """Benchmark ``base`` against ``stvit``; the result has the ``stvit benchmark --json`` schema."""
     settings = settings or BenchmarkSettings()
+    return benchmark_batch_sizes(base, stvit, [settings.batch_size], settings, input_size)[0]
+
+
+def benchmark_batch_sizes(
+    base: nn.Module,
+    stvit: nn.Module,
+    batch_sizes: Sequence[int],
+    settings: Optional[BenchmarkSettings] = None,
+    input_size: Optional[Sequence[int]] = None,
+) -> List[Dict[str, Any]]:
+    """:func:`benchmark_pair` at each batch size (``settings.batch_size`` is ignored), the models prepared once
+    (for onnxruntime: exported once, with a dynamic batch). One result per batch size, in order."""
+    settings = settings or BenchmarkSettings()
+    for batch_size in batch_sizes:
+        check_settings(replace(settings, batch_size=batch_size))
     device = check_settings(settings)
     input_size = tuple(input_size or stvit.pretrained_cfg.get("input_size", (3, 224, 224)))
     flops = {"base": count_flops(base, input_size), "stvit": count_flops(stvit, input_size)}
     params = {"base": count_params(base), "stvit": count_params(stvit)}
-    timings = benchmark_models({"base": base, "stvit": stvit}, input_size, settings)
+    models = {"base": base, "stvit": stvit}
+    factories = step_factories(models, input_size, settings)
+    results = []
+    for batch_size in batch_sizes:
+        batch_settings = replace(settings, batch_size=batch_size)
+        timings = benchmark_models(models, input_size, batch_settings, factories)
+        results.append(_pair_result(batch_settings, device, input_size, flops, params, timings))
+    return results
+
+
+def _pair_result(settings: BenchmarkSettings, device: torch.device, input_size: Sequence[int],
+                 flops: Dict[str, float], params: Dict[str, int], timings: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {
         "device": _device_name(device),
         "dtype": settings.dtype,
         "batch_size": settings.batch_size,
         "bench": settings.bench,
+        "runtime": settings.runtime,
         "compile": settings.compile,
         "cuda_graphs": settings.cuda_graphs,
         "channels_last": settings.channels_last,
@@ -170,18 +288,61 @@ def benchmark_pair(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
+    if settings.runtime == "onnxruntime":
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
     for name in ("base", "stvit"):
+        t = timings[name]
         out[name] = {
             "params_m": round(params[name] / 1e6, 3),
             "gflops": round(flops[name], 4),
-            "img_per_sec": round(timings[name]["img_per_sec"], 2),
-            "peak_memory_mb": None
-            if timings[name]["peak_memory_mb"] is None
-            else round(timings[name]["peak_memory_mb"], 1),
+            "img_per_sec": round(t["img_per_sec"], 2),
+            "peak_memory_mb": None if t["peak_memory_mb"] is None else round(t["peak_memory_mb"], 1),
         }
+        if "latency_ms" in t:
+            out[name]["latency_ms"] = t["latency_ms"]
     out["speedup"] = round(out["stvit"]["img_per_sec"] / out["base"]["img_per_sec"], 3)
     out["flops_ratio"] = round(flops["base"] / flops["stvit"], 3)
+    if settings.latency:
+        out["latency_speedup_p50"] = round(out["base"]["latency_ms"]["p50"] / out["stvit"]["latency_ms"]["p50"], 3)
     return out
+
+
+def plot_batch_sizes(results: Sequence[Dict[str, Any]], path: Union[str, os.PathLike],
+                     labels: Tuple[str, str] = ("base", "STViT")) -> Path:
+    """A PNG of throughput and p50 latency (p95 as the bar's top) against batch size for both models, written
+    atomically. ``results``: :func:`benchmark_batch_sizes` with ``latency=True``."""
+    import io
+
+    from .checkpoint import atomic_write_bytes
+    from .export import require_extra
+
+    require_extra("plot", ("matplotlib",), "the plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    throughput, latency = figure.subplots(1, 2)
+    batches = [r["batch_size"] for r in results]
+    for key, label, marker in (("base", labels[0], "o"), ("stvit", labels[1], "s")):
+        throughput.plot(batches, [r[key]["img_per_sec"] for r in results], marker=marker, label=label)
+        p50 = [r[key]["latency_ms"]["p50"] for r in results]
+        p95 = [r[key]["latency_ms"]["p95"] for r in results]
+        latency.errorbar(batches, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p95)]], marker=marker,
+                         capsize=3, label=f"{label} (p50, bar to p95)")
+    first = results[0]
+    throughput.set(xscale="log", xlabel="batch size", ylabel="images / s", title="throughput")
+    latency.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per batch", title="latency of a batch")
+    for axes in (throughput, latency):
+        axes.set_xticks(batches, [str(b) for b in batches])
+        axes.grid(True, alpha=0.3)
+        axes.legend()
+    figure.suptitle(f"{first['runtime']} | {first['device']} | {first['dtype']} | {first['threads']} threads")
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def _device_name(device: torch.device) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -48,7 +49,37 @@ def inputs(tmp_path_factory) -> Dict[str, str]:
     (d / "not-a-model" / "notes.txt").write_text("x")
     (d / "nonempty").mkdir()
     (d / "nonempty" / "keep.txt").write_text("x")
-    return {"in": str(d), "model": str(model), "weights": str(model / "model.safetensors")}
+    (d / "existing.onnx").write_bytes(b"an earlier export")
+    (d / "bad.png").write_text("not an image")
+    _plain_deit_dir(d / "plain-deit")
+    _plain_onnx(d / "plain.onnx")
+    image = d / "images" / "coat.png"
+    image.parent.mkdir()
+    from stvit_core.data import embedded_dataset_path
+
+    image.write_bytes(next(iter(sorted((embedded_dataset_path() / "val" / "coat").iterdir()))).read_bytes())
+    return {"in": str(d), "model": str(model), "weights": str(model / "model.safetensors"), "img": str(image)}
+
+
+def _plain_deit_dir(path: Path) -> None:
+    """A model directory of timm's own DeiT (not an STViT model), tiny."""
+    import timm
+
+    from stvit_core import save_model
+
+    save_model(timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                 num_heads=3, num_classes=10), path)
+
+
+def _plain_onnx(path: Path) -> None:
+    """A valid ONNX file that stvit did not write (no preprocessing metadata)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
 def _closed_port_url() -> str:
@@ -71,8 +102,24 @@ BENCH = ["benchmark", "deit_tiny", "-b", "2", "--rounds", "1", "--round-time", "
 CONVERT = ["convert", "deit_tiny", "--no-pretrained", "-o", "{out}/c"]
 SWIN = ["convert", "swin_tiny", "--no-pretrained", "-o", "{out}/c"]
 
-# (id, arguments, exit code, fragments of the error line, marks); {out} is the checked output folder, {in} holds
-# the input files, {model} a saved STViT model directory, {weights} its model.safetensors.
+EXPORT = ["export", "{model}", "-o", "{out}/m.onnx"]
+PREDICT = ["predict", "{model}", "{img}"]
+SWEEP = ["benchmark", "deit_tiny", "--rounds", "1", "--round-time", "0.01"]
+
+
+def _onnxruntime_has_cuda() -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+HAS_ORT_CUDA = _onnxruntime_has_cuda()
+
+# (id, arguments, exit code, fragments of the error line, marks and flags); {out} is the checked output folder,
+# {in} holds the input files, {model} a saved STViT model directory, {weights} its model.safetensors, {img} an
+# image. Flags: "unreachable" (the Hub at a closed port), "no-onnxruntime" / "no-matplotlib" (the import fails).
 CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     # -- the group itself
     ("unknown-command", ["nope"], USAGE, ("No such command",), ()),
@@ -217,6 +264,70 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("pull-offline", ["pull", "alice/x"], FAILED, ("offline mode is on", "HF_HUB_OFFLINE=1"), ()),
     ("pull-unreachable", ["pull", "alice/x", "-o", "{out}/p"], FAILED, ("cannot connect",), ("unreachable",)),
     ("pull-two-revisions", ["pull", "alice/x@v1", "--revision", "v2"], INVALID, ("two revisions", "--revision v2"), ()),
+    # -- benchmark: onnxruntime and batch sizes
+    ("benchmark-runtime-unknown", [*BENCH, "--runtime", "tensorrt"], USAGE, ("--runtime",), ()),
+    ("benchmark-onnxruntime-train", [*BENCH, "--runtime", "onnxruntime", "--bench", "train"], INVALID,
+     ("--bench train", "--runtime onnxruntime"), ()),
+    ("benchmark-onnxruntime-compile", [*BENCH, "--runtime", "onnxruntime", "--compile"], INVALID, ("--compile",), ()),
+    ("benchmark-onnxruntime-dtype", [*BENCH, "--runtime", "onnxruntime", "--dtype", "bfloat16"], INVALID,
+     ("--dtype bfloat16",), ()),
+    ("benchmark-onnxruntime-missing", [*BENCH, "--runtime", "onnxruntime"], FAILED,
+     ("onnxruntime", "pip install 'stvit[export]'"), ("no-onnxruntime",)),
+    ("benchmark-onnxruntime-cuda-missing", [*BENCH, "--runtime", "onnxruntime", "--device", "cuda"], INVALID,
+     ("CUDAExecutionProvider",), (pytest.mark.skipif(HAS_ORT_CUDA, reason="onnxruntime has CUDA here"),)),
+    ("benchmark-batch-sizes-malformed", [*SWEEP, "--batch-sizes", "1,x"], USAGE, ("--batch-sizes",), ()),
+    ("benchmark-batch-sizes-0", [*SWEEP, "--batch-sizes", "0,8"], USAGE, ("--batch-sizes", "at least 1"), ()),
+    ("benchmark-batch-sizes-repeated", [*SWEEP, "--batch-sizes", "8,8"], USAGE, ("repeats",), ()),
+    ("benchmark-batch-size-and-sizes", [*BENCH, "--batch-sizes", "1,2"], INVALID, ("exclude",), ()),
+    ("benchmark-plot-without-batch-sizes", [*BENCH, "--plot", "{out}/p.png"], INVALID, ("--plot needs",), ()),
+    ("benchmark-plot-matplotlib-missing", [*SWEEP, "--batch-sizes", "1", "--plot", "{out}/p.png"], FAILED,
+     ("matplotlib", "pip install 'stvit[plot]'"), ("no-matplotlib",)),
+    ("benchmark-plot-not-writable", [*SWEEP, "--batch-sizes", "1", "--plot", "/sys/stvit-contract.png"], FAILED,
+     ("cannot write /sys",), ()),
+    # -- export
+    ("export-unknown-format", [*EXPORT, "--format", "tflite"], USAGE, ("--format", "tflite"), ()),
+    ("export-missing-output", ["export", "{model}"], USAGE, ("Missing option", "--output"), ()),
+    ("export-output-exists", ["export", "{model}", "-o", "{in}/existing.onnx"], FAILED, ("already exists", "--force"),
+     ()),
+    ("export-output-is-a-directory", ["export", "{model}", "-o", "{in}/nonempty"], FAILED, ("is a directory",), ()),
+    ("export-output-not-writable", ["export", "{model}", "-o", "/sys/stvit-contract.onnx"], FAILED,
+     ("cannot write /sys",), ()),
+    ("export-output-folder-missing", ["export", "{model}", "-o", "{out}/no/m.onnx"], FAILED, ("does not exist",), ()),
+    ("export-not-stvit-name", ["export", "deit_tiny_patch16_224", "-o", "{out}/m.onnx"], INVALID,
+     ("not an STViT model",), ()),
+    ("export-not-stvit-directory", ["export", "{in}/plain-deit", "-o", "{out}/m.onnx"], INVALID,
+     ("not an STViT model", "deit_tiny_patch16_224"), ()),
+    ("export-onnxruntime-missing", EXPORT, FAILED, ("onnxruntime", "pip install 'stvit[export]'"), ("no-onnxruntime",)),
+    ("export-features-not-recovery", [*EXPORT, "--features"], INVALID, ("--features", "STViT-R"), ()),
+    ("export-tokens-for-a-saved-model", [*EXPORT, "--tokens", "16"], INVALID, ("--tokens 16", "saved model"), ()),
+    ("export-no-pretrained-for-a-saved-model", [*EXPORT, "--no-pretrained"], INVALID, ("--no-pretrained",), ()),
+    ("export-batch-and-dynamic", [*EXPORT, "-b", "2", "--dynamic-batch"], INVALID, ("exclude",), ()),
+    ("export-batch-0", [*EXPORT, "-b", "0"], USAGE, ("--batch-size",), ()),
+    ("export-opset-for-pt2", ["export", "{model}", "--format", "pt2", "--opset", "18", "-o", "{out}/m.pt2"], INVALID,
+     ("--opset",), ()),
+    ("export-opset-0", [*EXPORT, "--opset", "0"], USAGE, ("--opset",), ()),
+    ("export-unknown-model", ["export", "not_a_model", "-o", "{out}/m.onnx"], INVALID, ("unknown model",), ()),
+    ("export-swin-tokens", ["export", "swin_tiny", "--tokens", "4", "-o", "{out}/m.onnx"], INVALID,
+     ("--tokens is for DeiT/ViT",), ()),
+    ("export-hub-offline", ["export", "hf-hub:alice/nothing-here", "-o", "{out}/m.onnx"], FAILED,
+     ("offline mode is on",), ()),
+    # -- predict
+    ("predict-missing-images", ["predict", "{model}"], USAGE, ("Missing argument",), ()),
+    ("predict-top-k-0", [*PREDICT, "--top-k", "0"], USAGE, ("--top-k",), ()),
+    ("predict-top-k-too-many", [*PREDICT, "--top-k", "11"], INVALID, ("--top-k 11", "10 classes"), ()),
+    ("predict-batch-0", [*PREDICT, "-b", "0"], USAGE, ("--batch-size",), ()),
+    ("predict-device-tpu", [*PREDICT, "--device", "tpu"], USAGE, ("--device",), ()),
+    ("predict-unreadable-image", ["predict", "{model}", "{in}/bad.png"], FAILED, ("cannot read image", "bad.png"), ()),
+    ("predict-missing-image", ["predict", "{model}", "{in}/no-such.png"], FAILED, ("cannot read", "no-such.png"), ()),
+    ("predict-folder-without-images", ["predict", "{model}", "{in}/not-a-model"], FAILED, ("no images in",), ()),
+    ("predict-not-stvit", ["predict", "{in}/plain-deit", "{img}"], INVALID, ("not an STViT model",), ()),
+    ("predict-onnx-missing", ["predict", "{in}/none.onnx", "{img}"], FAILED, ("none.onnx",), ()),
+    ("predict-onnx-not-from-stvit", ["predict", "{in}/plain.onnx", "{img}"], FAILED,
+     ("no stvit preprocessing metadata",), ()),
+    ("predict-onnx-with-tokens", ["predict", "{in}/plain.onnx", "{img}", "--tokens", "4"], INVALID,
+     ("--tokens 4", "ONNX file"), ()),
+    ("predict-onnxruntime-missing", ["predict", "{in}/plain.onnx", "{img}"], FAILED,
+     ("onnxruntime", "pip install 'stvit[export]'"), ("no-onnxruntime",)),
     # -- env
     ("env-unknown-option", ["env", "--verbose"], USAGE, ("No such option",), ()),
 ]
@@ -225,7 +336,7 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
 def _params():
     for case_id, args, code, fragments, extra in CATALOGUE:
         marks = [m for m in extra if not isinstance(m, str)]
-        yield pytest.param(args, code, fragments, "unreachable" in extra, id=case_id, marks=marks)
+        yield pytest.param(args, code, fragments, {m for m in extra if isinstance(m, str)}, id=case_id, marks=marks)
 
 
 @pytest.fixture
@@ -243,12 +354,15 @@ def hub_offline(monkeypatch, tmp_path_factory):
     return constants
 
 
-@pytest.mark.parametrize("args, code, fragments, unreachable", list(_params()))
-def test_bad_input_is_one_line_and_leaves_nothing(args, code, fragments, unreachable, inputs, hub_offline,
+@pytest.mark.parametrize("args, code, fragments, flags", list(_params()))
+def test_bad_input_is_one_line_and_leaves_nothing(args, code, fragments, flags, inputs, hub_offline,
                                                   tmp_path, monkeypatch):
-    if unreachable:
+    if "unreachable" in flags:
         monkeypatch.setattr(hub_offline, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hub_offline, "ENDPOINT", _closed_port_url())
+    for module in ("onnxruntime", "matplotlib"):
+        if f"no-{module}" in flags:  # as if the extra were not installed: importing it fails
+            monkeypatch.setitem(sys.modules, module, None)
     out, cwd = tmp_path / "out", tmp_path / "cwd"
     out.mkdir()
     cwd.mkdir()
@@ -271,7 +385,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(args, code, fragments, unreach
 
 
 # options whose absence means "none of this" (no file to read or write): there is no default to show
-NOTHING_WHEN_ABSENT = {"checkpoint", "config_file", "resume", "results_file"}
+NOTHING_WHEN_ABSENT = {"checkpoint", "config_file", "resume", "results_file", "plot"}
 
 
 def _all_commands() -> List[Tuple[str, click.Command]]:

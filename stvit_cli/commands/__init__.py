@@ -5,7 +5,9 @@ from .convert import convert
 from .demo import demo
 from .env import env
 from .eval import eval_group
+from .export import export
 from .finetune import finetune
 from .hub import pull, push_to_hub
+from .predict import predict
 
-COMMANDS = [demo, convert, finetune, eval_group, benchmark, push_to_hub, pull, env]
+COMMANDS = [demo, convert, finetune, eval_group, benchmark, export, predict, push_to_hub, pull, env]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
 from ._common import (
+    LibraryOption,
     device_option,
     echo_json,
     json_option,
@@ -14,6 +16,25 @@ from ._common import (
     positive_int,
     source_model_options,
 )
+
+
+class BatchSizes(click.ParamType):
+    """``1,8,32``: positive batch sizes, in the order given."""
+
+    name = "batch_sizes"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of batch sizes (e.g. 1,8,32)", param, ctx)
+        if not sizes or min(sizes) < 1:
+            self.fail(f"{value!r}: batch sizes must be at least 1 (e.g. 1,8,32)", param, ctx)
+        if len(set(sizes)) != len(sizes):
+            self.fail(f"{value!r} repeats a batch size", param, ctx)
+        return sizes
 
 
 @click.command()
@@ -25,7 +46,8 @@ from ._common import (
               help="Autocast dtype (float32 = no autocast).")
 @click.option("--bench", type=click.Choice(["inference", "train", "both"]), default="inference", show_default=True,
               help="train = forward + backward + AdamW step.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile both models.")
+@click.option("--compile", "compile_", is_flag=True, cls=LibraryOption, library_name="compile",
+              help="torch.compile both models.")
 @click.option("--cuda-graphs", is_flag=True, help="torch.compile(mode='reduce-overhead') (CUDA graphs); needs CUDA.")
 @click.option("--channels-last", is_flag=True, help="Channels-last input and weights (conv stems).")
 @click.option("--rounds", type=positive_int(), default=5, show_default=True, metavar="N",
@@ -33,12 +55,21 @@ from ._common import (
 @click.option("--round-time", type=positive_float(), default=1.0, show_default=True, metavar="SECONDS",
               help="Seconds of work per model per round.")
 @click.option("--threads", type=positive_int(), default=None, show_default="torch's choice", metavar="N",
-              help="CPU threads for torch.")
+              help="CPU threads for torch (and onnxruntime with --runtime onnxruntime).")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: both models exported to ONNX (dynamic batch) and run by onnxruntime (CPU; CUDA with "
+                   "--device cuda and onnxruntime-gpu); float32 inference only.")
+@click.option("--batch-sizes", type=BatchSizes(), default=None, show_default="off", metavar="B1,B2,...",
+              help="Time each batch size, every step on its own: throughput and p50/p95 latency of a batch "
+                   "(replaces --batch-size).")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
+              help="With --batch-sizes: a PNG of throughput and latency against batch size (needs matplotlib: "
+                   "pip install 'stvit[plot]').")
 @json_option
 def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
               recovery: bool, batch_size: int, device: Optional[str], dtype: str, bench: str, compile_: bool,
               cuda_graphs: bool, channels_last: bool, rounds: int, round_time: float, threads: Optional[int],
-              as_json: bool) -> None:
+              runtime: str, batch_sizes: Optional[Tuple[int, ...]], plot: Optional[Path], as_json: bool) -> None:
     """Time MODEL's base version and its STViT version with identical settings.
 
     MODEL is a source name (deit_tiny | deit_small | deit_base | swin_tiny | swin_small | swin_base | a timm
@@ -54,17 +85,30 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
       stvit benchmark deit_base --bench train --device cuda --dtype bfloat16 --json
       stvit benchmark ./stvit-deit_small-t16 --json
       stvit benchmark swin_small --tokens-per-window 9 --device cuda --dtype bfloat16 --batch-size 256
+      stvit benchmark deit_small --device cpu --runtime onnxruntime
+      stvit benchmark deit_small --device cpu --batch-sizes 1,8,32 --plot latency.png
     """
     import torch
 
-    from stvit_core.benchmark import BenchmarkSettings, benchmark_pair, check_settings, models_for_benchmark
+    from stvit_core.benchmark import BenchmarkSettings, benchmark_batch_sizes, check_settings, models_for_benchmark
+    from stvit_core.errors import InvalidArgumentError
 
+    if batch_sizes and click.get_current_context().get_parameter_source("batch_size").name != "DEFAULT":
+        raise InvalidArgumentError("--batch-size and --batch-sizes exclude each other")
+    if plot is not None:
+        from stvit_core.export import check_output_path, require_extra
+
+        if not batch_sizes:
+            raise InvalidArgumentError("--plot needs --batch-sizes (it draws speed against batch size)")
+        require_extra("plot", ("matplotlib",), "--plot")
+        check_output_path(plot, force=True)
     if threads is not None:
         torch.set_num_threads(threads)
     runs = [
         BenchmarkSettings(
             batch_size=batch_size, device=device, dtype=dtype, bench=kind, compile=compile_,
             cuda_graphs=cuda_graphs, channels_last=channels_last, rounds=rounds, min_round_time=round_time,
+            runtime=runtime, latency=bool(batch_sizes),
         )
         for kind in (["inference", "train"] if bench == "both" else [bench])
     ]
@@ -73,17 +117,24 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
     stvit_kwargs = {"semantic_tokens_per_window": semantic_tokens_per_window, "recovery": recovery or None}
     base, stvit, source_name = models_for_benchmark(
         model, num_semantic_tokens, stvit_kwargs={k: v for k, v in stvit_kwargs.items() if v is not None})
-    results = []
-    for settings in runs:
-        result = benchmark_pair(base, stvit, settings)
-        results.append({"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
-                        "tokens": getattr(stvit, "num_semantic_tokens", None),
-                        "tokens_per_window": getattr(stvit, "semantic_tokens_per_window", None), **result})
+    names = {"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
+             "tokens": getattr(stvit, "num_semantic_tokens", None),
+             "tokens_per_window": getattr(stvit, "semantic_tokens_per_window", None)}
+    results = [{**names, **result} for settings in runs
+               for result in benchmark_batch_sizes(base, stvit, batch_sizes or [batch_size], settings)]
+    if plot is not None:
+        from stvit_core.benchmark import plot_batch_sizes
+
+        plot_batch_sizes([r for r in results if r["bench"] == runs[0].bench], plot,
+                         labels=(source_name.split(".")[0], names["stvit_model"]))
     if as_json:
-        echo_json(results[0] if len(results) == 1 else results)
-        return
-    for r in results:
-        click.echo(format_table(r))
+        echo_json(results[0] if len(results) == 1 and not batch_sizes else results)
+    elif batch_sizes:
+        for settings in runs:
+            click.echo(format_batch_table([r for r in results if r["bench"] == settings.bench]))
+    else:
+        for r in results:
+            click.echo(format_table(r))
 
 
 def format_table(r: Dict[str, Any]) -> str:
@@ -93,13 +144,33 @@ def format_table(r: Dict[str, Any]) -> str:
     rows = [(r["model"], r["base"]), (f"{r['stvit_model']} ({tok})", r["stvit"])]
     width = max(len("model"), *(len(name) for name, _ in rows))
     lines: List[str] = [
-        f"{r['bench']} | {r['device']} | {r['dtype']} | batch {r['batch_size']}"
-        f"{' | compiled' if r['compile'] else ''}{' | cuda graphs' if r['cuda_graphs'] else ''}"
-        f" | torch {r['torch']} | {r['threads']} threads",
+        f"{_settings_line(r)} | batch {r['batch_size']}",
         f"{'model':<{width}} {'params(M)':>10} {'GFLOPs':>8} {'img/s':>10} {'peak MB':>8}",
     ]
     for name, m in rows:
         lines.append(f"{name:<{width}} {m['params_m']:>10.2f} {m['gflops']:>8.2f} {m['img_per_sec']:>10.1f} "
                      f"{mem(m['peak_memory_mb']):>8}")
     lines.append(f"speedup {r['speedup']:.2f}x   (FLOPs ratio {r['flops_ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
+def _settings_line(r: Dict[str, Any]) -> str:
+    runtime = f"onnxruntime {r['onnxruntime']}" if r.get("runtime") == "onnxruntime" else f"torch {r['torch']}"
+    return (f"{r['bench']} | {r['device']} | {r['dtype']}"
+            f"{' | compiled' if r['compile'] else ''}{' | cuda graphs' if r['cuda_graphs'] else ''}"
+            f" | {runtime} | {r['threads']} threads")
+
+
+def format_batch_table(results: List[Dict[str, Any]]) -> str:
+    """``--batch-sizes``: one row per batch size, throughput and p50/p95 latency of both models, speedups."""
+    r0 = results[0]
+    tok = f"{r0['tokens_per_window']} tok/window" if r0.get("tokens_per_window") else f"{r0['tokens']} tok"
+    lines = [_settings_line(r0), f"base: {r0['model']}   STViT: {r0['stvit_model']} ({tok})",
+             f"{'batch':>5} | {'base img/s':>10} {'p50 ms':>9} {'p95 ms':>9} | {'STViT img/s':>11} {'p50 ms':>9} "
+             f"{'p95 ms':>9} | {'speedup':>7} {'p50 speedup':>11}"]
+    for r in results:
+        b, s = r["base"], r["stvit"]
+        lines.append(f"{r['batch_size']:>5} | {b['img_per_sec']:>10.1f} {b['latency_ms']['p50']:>9.1f} "
+                     f"{b['latency_ms']['p95']:>9.1f} | {s['img_per_sec']:>11.1f} {s['latency_ms']['p50']:>9.1f} "
+                     f"{s['latency_ms']['p95']:>9.1f} | {r['speedup']:>6.2f}x {r['latency_speedup_p50']:>10.2f}x")
     return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""``stvit predict``: class names and probabilities per image, from a model or an exported .onnx file."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import click
+
+from ._common import device_option, echo_json, json_option, positive_int, source_model_options
+
+
+@click.command()
+@source_model_options
+@click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
+@click.option("--top-k", "-k", type=positive_int(), default=None, show_default="5, or every class if fewer",
+              metavar="K", help="Classes shown per image (at most the model's number of classes).")
+@click.option("--batch-size", "-b", type=positive_int(), default=32, show_default=True, metavar="N",
+              help="Images per forward pass.")
+@device_option
+@json_option
+def predict(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
+            recovery: bool, images: Tuple[str, ...], top_k: Optional[int], batch_size: int, device: Optional[str],
+            as_json: bool) -> None:
+    """Classify images with MODEL and its own preprocessing.
+
+    MODEL is a model directory, hf-hub:org/name, an stvit_* name, a timm name with --tokens /
+    --tokens-per-window, or an .onnx file from 'stvit export' (run with onnxruntime, preprocessing read from its
+    metadata). Directories are searched for images (.png, .jpg, .jpeg; sorted in natural order). A file
+    that cannot be read is reported on stderr, one 'Error:' line each, the others are still classified, and
+    the exit code is 1.
+
+    \b
+    Examples:
+      stvit predict runs/fm/best shoe.png shirts/
+      stvit predict fm.onnx shirts/ --top-k 3 --json
+    """
+    from stvit_core.predict import load_classifier, predict_images
+
+    kwargs: Dict[str, Any] = {"num_semantic_tokens": num_semantic_tokens,
+                              "semantic_tokens_per_window": semantic_tokens_per_window, "recovery": recovery}
+    classifier = load_classifier(model, device=device, **kwargs)
+    result = predict_images(classifier, images, top_k=top_k, batch_size=batch_size)
+    result = {"model": model, **result}
+    if as_json:
+        echo_json(result)
+    else:
+        for p in result["predictions"]:
+            click.echo(f"{p['image']}: " + ", ".join(f"{c['label']} {c['probability']:.3f}" for c in p["top_k"]))
+    for error in result["errors"]:
+        click.echo(f"Error: {error['error']}", err=True)
+    if result["errors"]:
+        click.get_current_context().exit(1)
