@@ -20,7 +20,8 @@ Output: ``OUTPUT_DIR/gpu_<device>_<date>.json`` (environment, command line, sett
 ``OUTPUT_DIR/gpu_<device>_<date>_profile.md`` (torch.profiler tables). All are rewritten atomically after
 every pair, so a run cut short still leaves the pairs it finished.
 
-Test hook: ``STVIT_GPU_SUITE_INJECT_FAILURE=PAIR`` makes that pair's process raise (tests/test_gpu_suite.py).
+Test hook (tests/test_gpu_suite.py): ``STVIT_GPU_SUITE_INJECT_FAILURE=PAIR[,PAIR:exit]`` makes a pair's process
+raise, or with ``:exit`` die without a result (as a crash or an out-of-memory kill would).
 """
 
 from __future__ import annotations
@@ -475,8 +476,11 @@ def run_pair(pair: Pair, settings: Settings) -> Dict[str, Any]:
 
     from stvit_core.device import resolve_device
 
-    if os.environ.get(INJECT_FAILURE_ENV) == pair.name:
-        raise RuntimeError(f"injected failure ({INJECT_FAILURE_ENV}={pair.name})")
+    injected = os.environ.get(INJECT_FAILURE_ENV, "").split(",")
+    if f"{pair.name}:exit" in injected:
+        os._exit(3)
+    if pair.name in injected:
+        raise RuntimeError(f"injected failure ({INJECT_FAILURE_ENV})")
     device = resolve_device(settings.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
