@@ -209,12 +209,13 @@ def environment_info(settings: Settings) -> Dict[str, Any]:
         "timm": timm.__version__, "stvit": stvit_core.__version__, "cuda": torch.version.cuda,
         "device": str(device), "device_name": platform.processor() or platform.machine() or "cpu",
         "cpu_threads": torch.get_num_threads(), "cudnn": None, "gpu_memory_gib": None,
+        "stvit_path": os.path.dirname(stvit_core.__file__), "timm_path": os.path.dirname(timm.__file__),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(device_name=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cudnn=torch.backends.cudnn.version(), multiprocessors=props.multi_processor_count,
-                    driver_capability=list(torch.cuda.get_device_capability(device)))
+                    compute_capability=list(torch.cuda.get_device_capability(device)))
     try:
         import onnxruntime
 

@@ -5,6 +5,8 @@ asserted (the figures are whatever this machine gives)."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -45,6 +47,16 @@ def assert_one_error_line(proc: subprocess.CompletedProcess, *fragments: str) ->
         assert fragment in lines[0]
 
 
+def docs_quick_command() -> list:
+    """The CPU command docs/benchmarks.md gives after ``<!-- gpu-suite-quick -->``, as arguments."""
+    text = (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+    match = re.search(r"<!-- gpu-suite-quick -->\s*```bash\n(.*?)\n```", text, re.S)
+    assert match, "docs/benchmarks.md has no gpu-suite-quick command"
+    words = shlex.split(match.group(1))
+    assert words[:2] == ["python", "benchmarks/gpu_suite.py"]
+    return words[2:]
+
+
 def only_files(directory: Path) -> Sequence[str]:
     return sorted(p.name for p in directory.iterdir())
 
@@ -53,8 +65,10 @@ def only_files(directory: Path) -> Sequence[str]:
 def test_quick_suite_runs_every_pair_in_its_own_process_and_reports_failures(tmp_path):
     out = tmp_path / "results"
     # deit_t raises in its process, deit_b's process dies without a result: both are recorded, the rest runs
-    proc = run_suite("--device", "cpu", "--quick", "--output-dir", str(out), "--profile", "all",
-                     env={"STVIT_GPU_SUITE_INJECT_FAILURE": "deit_t,deit_b:exit"})
+    args = docs_quick_command()
+    args[args.index("--output-dir") + 1] = str(out)
+    assert {"--quick", "cpu", "all"} <= set(args)
+    proc = run_suite(*args, env={"STVIT_GPU_SUITE_INJECT_FAILURE": "deit_t,deit_b:exit"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout
     files = only_files(out)
