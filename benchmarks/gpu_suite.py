@@ -15,6 +15,9 @@ while it is built, warmed up and run: ``torch.cuda.max_memory_allocated`` over t
 allocated before it (the input batch and the other model excluded): weights, optimizer state, CUDA graph
 pools, activations.
 
+Exit status: 0 when every selected pair was measured or skipped, 1 when a pair failed (the rest is still
+measured and written), 2 for a bad option (one ``Error:`` line, nothing written).
+
 Output: ``OUTPUT_DIR/gpu_<device>_<date>.json`` (environment, command line, settings, every timing),
 ``OUTPUT_DIR/gpu_<device>_<date>.md`` (the table for docs/benchmarks.md) and, with ``--profile``,
 ``OUTPUT_DIR/gpu_<device>_<date>_profile.md`` (torch.profiler tables). All are rewritten atomically after
@@ -694,6 +697,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not selected:
         paths = write_outputs(report, stem)
     print(f"gpu_suite: done in {time.perf_counter() - started:.1f} s; wrote {', '.join(map(str, paths))}", flush=True)
+    failed = [name for name, r in report["pairs"].items() if r["status"] == "error"]
+    if failed:  # the others were measured and written; the exit status still says that not everything ran
+        print(f"gpu_suite: {len(failed)} pair(s) failed: {', '.join(failed)}", flush=True)
+        return 1
     return 0
 
 

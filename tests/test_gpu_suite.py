@@ -69,7 +69,8 @@ def test_quick_suite_runs_every_pair_in_its_own_process_and_reports_failures(tmp
     args[args.index("--output-dir") + 1] = str(out)
     assert {"--quick", "cpu", "all"} <= set(args)
     proc = run_suite(*args, env={"STVIT_GPU_SUITE_INJECT_FAILURE": "deit_t,deit_b:exit"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # two pairs failed; every other one was measured
+    assert "2 pair(s) failed: deit_t, deit_b" in proc.stdout
     assert "Traceback" not in proc.stdout
     files = only_files(out)
     stem = files[0].split(".")[0]
@@ -127,6 +128,24 @@ def test_quick_suite_runs_every_pair_in_its_own_process_and_reports_failures(tmp
     assert "Self CPU" in profile
     for name in ("deit_t", "deit_b", "onnx_deit_s"):  # printed progress names every pair's outcome
         assert name in proc.stdout
+
+
+@pytest.mark.slow
+def test_skip_compile_and_time_budget_skip_pairs_and_still_write_the_results(tmp_path):
+    out = tmp_path / "results"
+    proc = run_suite("--device", "cpu", "--quick", "--only", "deit_s_compile,deit_t", "--skip-compile",
+                     "--time-budget", "0.001", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stem = "gpu_cpu_" + re.search(r"gpu_cpu_(\S+?)\.json", proc.stdout).group(1)
+    assert stem.endswith("_only-deit_s_compile-deit_t")
+    report = json.loads((out / f"{stem}.json").read_text())
+    assert list(report["pairs"]) == ["deit_s_compile", "deit_t"]
+    assert report["pairs"]["deit_s_compile"]["status"] == "skipped"
+    assert report["pairs"]["deit_s_compile"]["reason"] == "--skip-compile"
+    assert report["pairs"]["deit_t"]["status"] == "skipped"
+    assert "time budget spent" in report["pairs"]["deit_t"]["reason"]
+    rows = [line for line in (out / f"{stem}.md").read_text().splitlines() if line.startswith("| STViT")]
+    assert len(rows) == 2 and all("skipped" in row for row in rows)
 
 
 def test_unknown_pair_is_one_error_line_and_writes_nothing(tmp_path):
