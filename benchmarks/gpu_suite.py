@@ -243,7 +243,8 @@ def _model_kwargs(pair: Pair, name: str, settings: Settings) -> Dict[str, Any]:
         kwargs.update(QUICK_SWIN_KWARGS if swin else QUICK_STVIT_DEIT_KWARGS if name.startswith("stvit") else
                       QUICK_DEIT_KWARGS)
     if swin and name.startswith("swin_"):
-        kwargs["fused_attn"] = True  # honoured by timm's Swin through its blocks; also forced below
+        # timm's WindowAttention is 'experimental' fused (off unless TIMM_FUSED_ATTN=2): _build_model turns it on
+        kwargs["fused_attn"] = True
     return kwargs
 
 
@@ -260,7 +261,7 @@ def _build_model(name: str, kwargs: Dict[str, Any], device: Any) -> Any:
     with device:  # built on the device: no host-side init of large models
         model = timm.create_model(name, **kwargs)
     if fused:
-        for module in model.modules():  # timm's WindowAttention reads TIMM_FUSED_ATTN; ask for SDPA explicitly
+        for module in model.modules():  # timm's constructor takes no such argument: set it on each attention
             if isinstance(module, WindowAttention):
                 module.fused_attn = True
     return model
@@ -498,6 +499,10 @@ def run_pair(pair: Pair, settings: Settings) -> Dict[str, Any]:
     else:
         result = _measure_throughput(pair, settings, device)
     steps = result.pop("_steps", {})
+    if pair.compile:  # what torch.compile was asked for (another --compile-backend takes no inductor mode)
+        inductor = settings.compile_backend == "inductor"
+        result["compile"] = {"backend": settings.compile_backend,
+                             "mode": ("reduce-overhead" if pair.kind == "latency" else "default") if inductor else None}
     result["status"] = "ok"
     result["met"] = None if pair.target is None else bool(result["speedup"] >= pair.target)
     if settings.profile == "all" or (settings.profile == "misses" and result["met"] is False):
@@ -576,7 +581,8 @@ def markdown_table(report: Dict[str, Any]) -> str:
         f"GPU suite on {env.get('device_name', '?')} ({report['settings']['device']}), torch {env.get('torch', '?')}, "
         f"CUDA {env.get('cuda')}, timm {env.get('timm', '?')}, {report['date']}; "
         f"{'fp32, no autocast' if settings['dtype'] == 'fp32' else settings['dtype'] + ' autocast'}, "
-        f"random weights, median of {settings['rounds']} alternating rounds"
+        f"{settings['deit_img_size']} px (Swin {settings['swin_img_size']} px), random weights, "
+        f"median of {settings['rounds']} alternating rounds"
         + (" (--quick: tiny widths and sizes, not figures)" if settings["quick"] else "") + ".",
         "",
         f"`{report['command']}`",

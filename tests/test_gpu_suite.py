@@ -110,6 +110,8 @@ def test_quick_suite_runs_every_pair_in_its_own_process_and_reports_failures(tmp
                 assert len(m["step_s_rounds"]) == 2 and m["img_per_s"] > 0
                 assert m["step_s"] == pytest.approx(statistics.median(m["step_s_rounds"]), abs=2e-6)
     assert pairs["swin_s"]["models"]["base"]["model_kwargs"]["fused_attn"] is True
+    assert pairs["deit_s_compile"]["compile"] == {"backend": "eager", "mode": None}  # --quick traces only
+    assert "compile" not in pairs["deit_s"]
     assert pairs["train_deit_s"]["batch_size"] == 2 and pairs["latency_deit_s"]["batch_size"] == 1
     assert "profile" not in pairs["deit_s"]  # tables go to the profile file, not the JSON
 
