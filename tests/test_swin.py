@@ -198,12 +198,16 @@ def test_dynamic_size_and_intermediates_agree():
         assert final.shape == (1, 8, 10, 128)
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="multiples of 32"):
-        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", img_size=200, **TINY)
-    model = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", dynamic_img_size=True, **TINY)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model(torch.randn(1, 3, 240, 224))
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="does not match the model's"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", **TINY)(torch.randn(1, 3, 240, 224))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", layout="segmentation", **TINY)
+    with pytest.raises(ValueError, match="global_semantic_tokens does not apply to layout='detection'"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", layout="detection", global_semantic_tokens=True,
+                          **TINY)
+    with pytest.raises(ValueError, match="detection_neighbourhoods applies to layout='detection' only"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", detection_neighbourhoods=(14, 21, 27), **TINY)
     with pytest.raises(ValueError, match="do not fit a 7x7 window"):
         timm.create_model("stvit_r_swin_tiny_patch4_window7_224", semantic_tokens_per_window=64, **TINY)
     with pytest.raises(ValueError, match="multiple of 6"):
@@ -261,8 +265,8 @@ def test_set_input_size_keeps_windows_and_matches_a_model_built_for_the_size():
     x = torch.randn(1, 3, 256, 320)
     with torch.no_grad():
         assert torch.allclose(model(x), built(x), atol=1e-6)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model.set_input_size(img_size=(250, 320))
+        model.set_input_size(img_size=(250, 317))  # any size: the stem pads to a multiple of 4
+        assert model.forward_intermediates(torch.randn(1, 3, 250, 317), intermediates_only=True)[-1].shape[-2:] == (8, 10)
 
 
 def test_convert_from_a_microsoft_layout_checkpoint_file(tmp_path):

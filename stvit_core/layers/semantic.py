@@ -271,12 +271,16 @@ class CrossAttention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor,
         context_index: Optional[torch.Tensor] = None,
+        *,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Attend from ``x`` ``(B, Nq, C)`` to ``context`` ``(B, Nk, C)``.
 
         ``context_index`` ``(G, K)`` splits the queries into ``G`` equal consecutive groups; group ``g`` attends
         only to the context tokens ``context_index[g]`` (local attention over overlapping neighbourhoods). Keys
         and values are projected once per context token and then gathered, never per group.
+        ``attn_mask`` ``(G, K)`` (keyword only; boolean, True = attend) masks keys per group, the same for
+        every query of the group and every sample (``(1, Nk)`` without ``context_index``).
         """
         B, Nq, C = x.shape
         q = self.q(x)
@@ -289,10 +293,15 @@ class CrossAttention(nn.Module):
         q = q.reshape(B * groups, Nq // groups, self.num_heads, self.head_dim).transpose(1, 2)
         kv = kv.reshape(B * groups, k_len, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None:
+            attn_mask = attn_mask.reshape(1, groups, 1, 1, k_len).expand(B, -1, -1, -1, -1).flatten(0, 1)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, Nq, C)
         return self.proj_drop(self.proj(x))
@@ -356,11 +365,14 @@ class CrossAttentionBlock(nn.Module):
         x: torch.Tensor,
         context: Optional[torch.Tensor] = None,
         context_index: Optional[torch.Tensor] = None,
+        *,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``context=None`` is self-attention (``x`` normalised once); ``context_index``: see CrossAttention."""
+        """``context=None`` is self-attention (``x`` normalised once); ``context_index``, ``attn_mask``: see
+        CrossAttention."""
         q = self.norm1(x)
         kv = q if context is None else self.norm1(context)
-        return self._residual(x, self.ls1(self.attn(q, kv, context_index)))
+        return self._residual(x, self.ls1(self.attn(q, kv, context_index, attn_mask=attn_mask)))
 
 
 class RecoveryBlock(CrossAttentionBlock):
