@@ -240,8 +240,10 @@ def test_vit_families_set_input_size(name):
     with torch.no_grad():
         assert torch.equal(model(x), built(x))
         assert model.forward_intermediates(x, intermediates_only=True)[-1].shape[-2:] == (10, 12)
-    with pytest.raises(ValueError, match="dynamic_img_size"):  # claimed unsupported: the pooling grid is static
-        tiny(name, dynamic_img_size=True)
+    dynamic = tiny(name, dynamic_img_size=True).eval()  # any size: the generator pools each input's grid
+    with torch.no_grad():
+        assert dynamic.forward_intermediates(torch.randn(1, 3, 80, 100), intermediates_only=True)[-1].shape[-2:] == (10, 13)
+        assert dynamic(torch.randn(1, 3, 80, 100)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("name", SWIN)

@@ -543,7 +543,11 @@ class SemanticTokenGenerator(nn.Module):
         if self.pool_index is not None and (grid_size is None or tuple(grid_size) == self.grid_size):
             semantic = gather_max(image_tokens, self.pool_index)
         else:
-            semantic = pool_image_tokens(image_tokens, grid_size or self.grid_size, self.semantic_grid, self.pool)
+            grid_size = grid_size or self.grid_size
+            if self.num_semantic_tokens > grid_size[0] * grid_size[1]:
+                raise ValueError(f"a {grid_size[0]}x{grid_size[1]} token grid is too small for "
+                                 f"num_semantic_tokens={self.num_semantic_tokens}")
+            semantic = pool_image_tokens(image_tokens, grid_size, self.semantic_grid, self.pool)
         if prefix_tokens is not None:
             semantic = torch.cat([prefix_tokens, semantic], dim=1)
             context = torch.cat([prefix_tokens, image_tokens], dim=1)
@@ -719,9 +723,11 @@ class DumbbellUnit(nn.Module):
         """The unit's first half: the image-token map before the generator (an intermediate feature map)."""
         return self.image_blocks(x)
 
-    def forward_semantic(self, x: torch.Tensor) -> torch.Tensor:
-        """The unit's second half, from the image-token map: generator, semantic blocks, recovery."""
-        return self.recovery(x, self.semantic_blocks(self.generator(x)))
+    def forward_semantic(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The unit's second half, from the image-token map: generator, semantic blocks, recovery.
+        ``grid_size``: the token grid of a token *sequence* when it is not the one the generator was built for."""
+        semantic = self.generator(x) if grid_size is None else self.generator(x, grid_size)
+        return self.recovery(x, self.semantic_blocks(semantic))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_semantic(self.forward_image_blocks(x))
+    def forward(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.forward_semantic(self.forward_image_blocks(x), grid_size)

@@ -584,8 +584,9 @@ def is_detector_state_dict(state_dict: Dict[str, Any]) -> bool:
     return any(k.startswith("backbone.layers.") for k in state_dict)
 
 
-def _detection_backbone(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """A detector's backbone weights, its output norms ``norm0``-``norm3`` named ``feature_norms.0``..."""
+def detection_backbone_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A detector's backbone weights (keys under ``backbone.``, or a backbone's own), its output norms
+    ``norm0``-``norm3`` named ``feature_norms.0``..."""
     if is_detector_state_dict(state_dict):
         state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     return {re.sub(r"^norm(\d+)\.", r"feature_norms.\1.", k): v for k, v in state_dict.items()}
@@ -614,7 +615,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwi
     for key in ("model", "state_dict"):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
-    state_dict = _detection_backbone(clean_state_dict(state_dict))  # DDP / torch.compile prefixes
+    state_dict = detection_backbone_state_dict(clean_state_dict(state_dict))  # DDP / torch.compile prefixes
     if not is_swin_state_dict(state_dict):
         raise ValueError("not a Swin checkpoint (no 'layers.N.blocks' weights)")
     if model.feature_norms is None and any(k.startswith("feature_norms.") for k in state_dict):
