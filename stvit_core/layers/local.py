@@ -171,9 +171,10 @@ class _GridBuffers(nn.Module):
     def init_non_persistent_buffers(self) -> None:
         """(Re)compute the index buffers (timm's hook for models built on the meta device)."""
         if self.grid_size is not None:
-            values = self._indices(self.grid_size, next(self.parameters()).device)
-            for name, value in zip(self._buffer_names, values):
-                setattr(self, name, value)
+            # built on the CPU (masks are checked for being all True), then moved to the parameters' device
+            device = next(self.parameters()).device
+            for name, value in zip(self._buffer_names, self._indices(self.grid_size, torch.device("cpu"))):
+                setattr(self, name, None if value is None else value.to(device))
 
     def _buffers_for(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         if self.dynamic_size or self.grid_size is None:

@@ -49,7 +49,13 @@ from timm.models import (
     register_model,
     register_notrace_function,
 )
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention, window_partition, window_reverse
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    window_partition,
+    window_reverse,
+)
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from timm.models.vision_transformer import init_weights_vit_timm
 
