@@ -674,7 +674,9 @@ def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
         if output_fmt == "NCHW":
             cfg["feature_cls"] = "getter"
     if kwargs.get("features_only") and kwargs.get("layout") == "detection":
-        cfg.update(feature_cls="getter", output_fmt=cfg.get("output_fmt", "NHWC"))
+        cfg["feature_cls"] = "getter"
+        if "feature_cls" not in kwargs:  # NHWC as the classification layout's maps; asked for a getter: its NCHW
+            cfg.setdefault("output_fmt", "NHWC")
     return cfg
 
 
