@@ -133,21 +133,25 @@ def window_partition_index(grid_size: Tuple[int, int], window_size: int,
     return partition, reverse
 
 
+def _on(device: torch.device, values: Tuple[Optional[torch.Tensor], ...]) -> Tuple[Optional[torch.Tensor], ...]:
+    return tuple(None if v is None else v.to(device) for v in values)
+
+
 @torch.fx.wrap  # plain torch.fx.symbolic_trace too
 @register_notrace_function  # reason: builds index tensors from the traced map's size
 def _generator_indices_for(x: torch.Tensor, window_size: int, semantic_grid: int, sizes: Tuple[int, int]):
-    grid = (x.shape[1], x.shape[2])
-    return (adaptive_pool_index(grid, semantic_grid, window_size, x.device),
-            *local_image_context(grid, window_size, sizes[0], x.device),
-            *local_image_context(grid, window_size, sizes[1], x.device))
+    grid = (x.shape[1], x.shape[2])  # built on the CPU: the masks are checked for being all True
+    return _on(x.device, (adaptive_pool_index(grid, semantic_grid, window_size),
+                          *local_image_context(grid, window_size, sizes[0]),
+                          *local_image_context(grid, window_size, sizes[1])))
 
 
 @torch.fx.wrap  # plain torch.fx.symbolic_trace too
 @register_notrace_function  # reason: builds index tensors from the traced map's size
 def _recovery_indices_for(x: torch.Tensor, window_size: int, side: int, size: int):
     grid = (x.shape[1], x.shape[2])
-    return (*window_partition_index(grid, window_size, x.device),
-            *local_semantic_context(grid, window_size, side, size, x.device))
+    return _on(x.device, (*window_partition_index(grid, window_size),
+                          *local_semantic_context(grid, window_size, side, size)))
 
 
 class _GridBuffers(nn.Module):
@@ -172,9 +176,9 @@ class _GridBuffers(nn.Module):
         """(Re)compute the index buffers (timm's hook for models built on the meta device)."""
         if self.grid_size is not None:
             # built on the CPU (masks are checked for being all True), then moved to the parameters' device
-            device = next(self.parameters()).device
-            for name, value in zip(self._buffer_names, self._indices(self.grid_size, torch.device("cpu"))):
-                setattr(self, name, None if value is None else value.to(device))
+            values = _on(next(self.parameters()).device, self._indices(self.grid_size, torch.device("cpu")))
+            for name, value in zip(self._buffer_names, values):
+                setattr(self, name, value)
 
     def _buffers_for(self, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         if self.dynamic_size or self.grid_size is None:
