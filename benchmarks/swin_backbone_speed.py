@@ -1,7 +1,7 @@
 """CPU speed of STViT-R-Swin-S against timm's Swin-S as feature backbones, and where STViT-R's time goes.
 
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 224 224 --batch-size 8
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 800 1344 --batch-size 1
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 800 1333 --batch-size 1
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py parts --size 224 224 --batch-size 8
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py ops --size 224 224 --batch-size 8
     OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
@@ -40,6 +40,8 @@ def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
         "timm Swin-S (SDPA)": timm.create_model("swin_small_patch4_window7_224", **kw),
         "STViT-R-Swin-S (conv stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", **kw),
         "STViT-R-Swin-S (patch stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", stem="patch", **kw),
+        "STViT-R-Swin-S (detection layout)": timm.create_model("stvit_r_swin_small_patch4_window7_224",
+                                                               layout="detection", **kw),
     }
     for model in models.values():
         model.eval()

@@ -36,6 +36,11 @@ CASES = [
 IDS = [name.split("_patch")[0] + "".join(f"-{v}" for v in kwargs.values()) for name, kwargs in CASES]
 
 
+def test_the_cases_cover_every_registered_stvit_r_model():
+    """A new STViT-R model must join CASES (and so every test below)."""
+    assert {name for name, _ in CASES} == set(timm.list_models("stvit_r_*"))
+
+
 def tiny(name: str, **kwargs) -> torch.nn.Module:
     width = dict(embed_dim=16, num_heads=(1, 2, 4, 8)) if "swin" in name else dict(embed_dim=48, num_heads=3)
     torch.manual_seed(0)

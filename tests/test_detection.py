@@ -233,3 +233,10 @@ def test_documented_example_trains_a_detector_far_above_untrained():
     untrained, trained = namespace["untrained"], namespace["trained"]
     assert untrained["map_50"] < 0.02, untrained
     assert trained["map_50"] >= 0.15 and trained["map_50"] > 10 * untrained["map_50"], (untrained, trained)
+
+
+def test_documented_feature_maps_example_runs():
+    # the feature-map example in docs/dense-tasks.md, run as written (its asserts check the shapes)
+    namespace: dict = {}
+    exec(compile(doc_example("feature-maps"), "docs/dense-tasks.md", "exec"), namespace)
+    assert len(namespace["feats"]) == 4 and len(namespace["maps"]) == 4
