@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from timm.models.swin_transformer import WindowAttention
 
 import stvit_core  # noqa: F401  (registers the models)
@@ -37,7 +39,9 @@ UNIT_PARTS = ("Swin block", "generator layer 1", "generator layer 2", "semantic 
 def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
     kw = dict(features_only=True, feature_cls="getter", img_size=size, dynamic_img_size=size != (224, 224))
     models = {
-        "timm Swin-S (SDPA)": timm.create_model("swin_small_patch4_window7_224", **kw),
+        # timm's patch embedding pads to a multiple of 4 only when asked (as mmdetection's Swin and ours do)
+        "timm Swin-S (SDPA)": timm.create_model("swin_small_patch4_window7_224", **kw,
+                                                embed_layer=partial(PatchEmbed, dynamic_img_pad=True)),
         "STViT-R-Swin-S (conv stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", **kw),
         "STViT-R-Swin-S (patch stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", stem="patch", **kw),
         "STViT-R-Swin-S (detection layout)": timm.create_model("stvit_r_swin_small_patch4_window7_224",

@@ -223,13 +223,12 @@ def test_bad_arguments_are_refused():
 
 @pytest.mark.slow
 def test_cli_bad_inputs(tmp_path):
-    """A token count or image size the model cannot take, a checkpoint of another architecture: one line."""
+    """A token count the model cannot take, a checkpoint of another architecture: one line (any image size is
+    taken: tests/test_any_size.py)."""
     out = str(tmp_path / "out")
     assert_one_line_error(
         run_cli("convert", "swin_tiny", "--no-pretrained", "--tokens-per-window", "5", "--output", out),
         "perfect square")
-    assert_one_line_error(run_cli("convert", "swin_tiny", "--no-pretrained", "--img-size", "200", "--output", out),
-                          "multiples of 32")
     deit = tmp_path / "deit.pth"
     torch.save({"model": timm.create_model("deit_tiny_patch16_224", depth=2).state_dict()}, deit)
     assert_one_line_error(run_cli("convert", "swin_tiny", "--checkpoint", str(deit), "--output", out),
@@ -298,3 +297,27 @@ def test_layer_decay_groups_follow_swin_depth():
     assert order("layers.2.units.1.image_blocks.0.norm1.weight") < order("layers.2.units.1.generator.layers.0.attn.q.weight") \
         < order("layers.2.units.1.semantic_blocks.1.attn.q.weight") < order("layers.2.units.1.recovery.norm1.weight") \
         < order("layers.2.units.2.image_blocks.0.norm1.weight") < order("layers.3.blocks.0.norm1.weight")
+
+
+def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
+    """Inference runs the stem with BatchNorm folded into the convolutions (channels-last): the same function as
+    the Conv-BN-Hardswish layers in eval mode, within float rounding; training keeps the layers."""
+    from stvit_core.models.swin import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(embed_dim=32, strict_img_size=False)
+    for m in stem.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial running statistics and affine parameters
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    x = torch.randn(2, 3, 61, 90)
+    stem.eval()
+    with torch.no_grad():
+        reference = stem.proj(torch.nn.functional.pad(x, (0, 2, 0, 3))).permute(0, 2, 3, 1)
+        folded = stem(x)
+    assert folded.shape == (2, 16, 23, 32)
+    torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+    stem.train()
+    assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
