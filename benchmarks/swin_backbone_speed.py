@@ -55,9 +55,9 @@ def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
     return models
 
 
-def throughput(size: Tuple[int, int], batch_size: int, rounds: int) -> None:
+def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2) -> None:
     models = backbones(size)
-    settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, min_round_time=2.0)
+    settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, warmup=warmup, min_round_time=2.0)
     results = benchmark_models(models, (3, *size), settings)
     base = "timm Swin-S (SDPA)"
     print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | GMACs | "
@@ -216,11 +216,12 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
     args = p.parse_args()
     size = tuple(args.size)
     torch.manual_seed(0)
     if args.what == "throughput":
-        throughput(size, args.batch_size, args.rounds)
+        throughput(size, args.batch_size, args.rounds, args.warmup)
     elif args.what == "parts":
         parts(size, args.batch_size, args.rounds)
     elif args.what == "ops":

@@ -321,3 +321,22 @@ def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
     torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
     stem.train()
     assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
+
+
+@pytest.mark.slow
+def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
+    """benchmarks/swin_backbone_speed.py (the issue #14 speed figures) at a small odd size: one row per backbone,
+    speedups and FLOPs ratios against timm's Swin-S (the figures themselves are not checked: no timing in tests)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "throughput", "--size", "61", "93",
+                           "--batch-size", "1", "--rounds", "1", "--warmup", "0"],
+                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
+    assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)", "| STViT-R-Swin-S (conv stem)",
+                                                 "| STViT-R-Swin-S (patch stem)", "| STViT-R-Swin-S (detection layout)"]
+    assert all(re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \|$", r) for r in rows), rows
