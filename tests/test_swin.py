@@ -333,7 +333,7 @@ def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
     from .conftest import REPO_ROOT, cli_env
 
     proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "throughput", "--size", "61", "93",
-                           "--batch-size", "1", "--rounds", "1", "--warmup", "0"],
+                           "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--cpu-time"],
                           cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
