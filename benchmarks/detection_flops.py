@@ -1,31 +1,35 @@
-"""Detection-scale backbone GMACs: timm's Swin, our STViT-R-Swin, and the released STViT-R detector's layout.
+"""Detection-scale backbone GMACs: timm's Swin, our STViT-R-Swin in both layouts, the released detector's code.
 
-    python benchmarks/detection_flops.py [--size 800 1344]
+    python benchmarks/detection_flops.py [--size 800 1333 --size 800 1344]
 
-Prints the Markdown tables of docs/dense-tasks.md ("Detection-scale FLOPs"). Runs on the meta device in
-seconds. Four columns per part of stage 3 (summed over its dumbbell units):
+Prints the Markdown tables of docs/dense-tasks.md ("Detection-scale FLOPs"). Runs on the meta device in about a
+minute. Per part of stage 3 (summed over its dumbbell units):
 
-(a) timm's Swin (the Swin blocks at the depths the dumbbell unit replaces), measured;
-(b) our STViT-R-Swin (``dynamic_img_size=True``), measured;
-(c) the released detection backbone's layout (github.com/changsn/STViT-R-Object-Detection, config
-    ``window_sample_size=3, k_window_size_1=14, k_window_size_2=21, restore_k_window_size=27``) computed
-    efficiently: keys and values projected once per token, then gathered into each window's neighbourhood;
+(a) timm's Swin (the Swin blocks at the depths the dumbbell unit replaces; its patch embedding pads the image to a
+    multiple of 4, as mmdetection's Swin does), measured;
+(b) our STViT-R-Swin, classification layout (``dynamic_img_size=True``), measured;
+(c) our STViT-R-Swin, ``layout='detection'``: the released detection backbone's layout
+    (github.com/changsn/STViT-R-Object-Detection, config ``window_sample_size=3, k_window_size_1=14,
+    k_window_size_2=21, restore_k_window_size=27``) with keys and values projected once per token and then
+    gathered into each window's neighbourhood, measured;
 (d) the released code as written: it projects keys and values for every slot of every window's
     (overlapping, zero-padded) neighbourhood after ``F.unfold``.
 
 Measured columns come from torch's FlopCounterMode under the math SDPA backend (as stvit_core.flops counts),
-per module. (c) and (d) are counted with closed-form MACs per part; the same formulas reproduce the measured
-(a) and (b) per part exactly (checked below), and (d) reproduces the totals measured on the released code
-(10.35 GMACs at 224 px, 241.0 at 800x1344, docs/dense-tasks.md).
+per module. (d) is counted with closed-form MACs per part; the same formulas reproduce the measured (a), (b) and
+(c) per part to 0.1% (checked below), and (d) reproduces the totals measured on the released code (10.35 GMACs
+at 224 px, 241.0 at 800x1344, docs/dense-tasks.md).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Tuple
+from functools import partial
+from typing import Dict, List, Tuple
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -53,28 +57,31 @@ def module_gmacs(model: torch.nn.Module, size: Tuple[int, int]) -> Dict[str, flo
     return out
 
 
-def backbone(name: str, size: Tuple[int, int]) -> torch.nn.Module:
+def backbone(name: str, size: Tuple[int, int], **kwargs) -> torch.nn.Module:
     with torch.device("meta"):
         return timm.create_model(name, features_only=True, feature_cls="getter", dynamic_img_size=True,
-                                 img_size=size)
+                                 img_size=size, **kwargs)
 
 
-def measured_parts(size_name: str, size: Tuple[int, int]) -> Tuple[Dict[str, float], Dict[str, float]]:
-    """(a) and (b): stem, stages 1, 2, 4, stage 3's downsample and its six unit parts (summed over units)."""
+def measured_parts(size_name: str, size: Tuple[int, int]) -> List[Dict[str, float]]:
+    """(a), (b), (c): stem, stages 1, 2, 4, stage 3's downsample and its six unit parts (summed over units)."""
     depth3 = SIZES[size_name][1][2]
-    swin = module_gmacs(backbone(f"swin_{size_name}_patch4_window7_224", size), size)
-    ours = module_gmacs(backbone(f"stvit_r_swin_{size_name}_patch4_window7_224", size), size)
-    a: Dict[str, float] = {}
-    b: Dict[str, float] = {}
-    for table, counts in ((a, swin), (b, ours)):
-        table["stem"] = counts["model.patch_embed"]
+    ours = f"stvit_r_swin_{size_name}_patch4_window7_224"
+    swin = module_gmacs(backbone(f"swin_{size_name}_patch4_window7_224", size,
+                                 embed_layer=partial(PatchEmbed, dynamic_img_pad=True)), size)
+    counts = [swin, module_gmacs(backbone(ours, size), size),
+              module_gmacs(backbone(ours, size, layout="detection"), size)]
+    tables: List[Dict[str, float]] = [{}, {}, {}]
+    for table, count in zip(tables, counts):
+        table["stem"] = count["model.patch_embed"]
         for s in (0, 1, 3):
-            table[f"stage {s + 1}"] = counts[f"model.layers.{s}"]
-        table["stage 3 downsample"] = counts["model.layers.2.downsample"]
+            table[f"stage {s + 1}"] = count[f"model.layers.{s}"]
+        table["stage 3 downsample"] = count["model.layers.2.downsample"]
     for i, part in enumerate(UNIT_PARTS):
-        a[part] = sum(swin[f"model.layers.2.blocks.{j}"] for j in range(i, depth3, 6))
-        b[part] = sum(ours[f"model.layers.2.units.{u}.{UNIT_KEYS[i]}"] for u in range(depth3 // 6))
-    return a, b
+        tables[0][part] = sum(swin[f"model.layers.2.blocks.{j}"] for j in range(i, depth3, 6))
+        for table, count in zip(tables[1:], counts[1:]):
+            table[part] = sum(count[f"model.layers.2.units.{u}.{UNIT_KEYS[i]}"] for u in range(depth3 // 6))
+    return tables
 
 
 # ---- closed-form MACs of one unit at stage 3 -------------------------------------------------------------
@@ -127,43 +134,58 @@ def columns(size_name: str, size: Tuple[int, int]) -> Dict[str, Tuple[float, flo
     """Every part's GMACs in the four columns; checks the formulas against the measured (a) and (b)."""
     C = SIZES[size_name][0] * 4
     units = SIZES[size_name][1][2] // 6
-    a, b = measured_parts(size_name, size)
+    a, b, c = measured_parts(size_name, size)
     formulas = unit_formulas(C, size)
     rows: Dict[str, Tuple[float, float, float, float]] = {}
     for part in ("stem", "stage 1", "stage 2", "stage 3 downsample"):
-        rows[part] = (a[part], b[part], b[part], b[part])  # the release keeps the conv stem and stages 1, 2, 4
+        rows[part] = (a[part], b[part], c[part], c[part])  # the release keeps the conv stem and stages 1, 2, 4
     for part in UNIT_PARTS:
         f = tuple(units * v for v in formulas[part])
-        for measured, formula in ((a[part], f[0]), (b[part], f[1])):
+        for measured, formula in ((a[part], f[0]), (b[part], f[1]), (c[part], f[2])):
             if abs(measured - formula) > 1e-3 * max(1.0, measured):
                 raise SystemExit(f"formula for {part!r} is off: {formula:.4f} vs measured {measured:.4f} GMACs")
-        rows[part] = (a[part], b[part], f[2], f[3])
-    rows["stage 4"] = (a["stage 4"], b["stage 4"], b["stage 4"], b["stage 4"])
+        rows[part] = (a[part], b[part], c[part], f[3])
+    rows["stage 4"] = (a["stage 4"], b["stage 4"], c["stage 4"], c["stage 4"])
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, nargs=2, default=(800, 1344), metavar=("H", "W"))
+    p.add_argument("--size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                   help="image size (repeatable; default 800x1333 and 800x1344)")
     args = p.parse_args()
-    size = tuple(args.size)
-    heads = "| part | (a) timm Swin | (b) ours | (c) release layout, efficient | (d) release code as written |"
+    sizes = [tuple(s) for s in args.size] if args.size else [(800, 1333), (800, 1344)]
+    heads = "| part | (a) timm Swin | (b) ours, classification layout | (c) ours, detection layout | (d) release code as written |"
+    totals: Dict[Tuple[str, Tuple[int, int]], List[float]] = {}
+    for size in sizes:
+        for size_name in SIZES:
+            rows = columns(size_name, size)
+            totals[size_name, size] = [sum(r[i] for r in rows.values()) for i in range(4)]
+            if size != sizes[-1]:
+                continue
+            print(f"\nSTViT-R-Swin-{size_name[0].upper()} backbone at {size[0]}x{size[1]}, GMACs "
+                  f"(stage 3 parts summed over its {SIZES[size_name][1][2] // 6} units)\n")
+            print(heads)
+            print("|---|---|---|---|---|")
+            for part, cells in rows.items():
+                print(f"| {part} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
+            stage3 = [sum(rows[p][i] for p in ("stage 3 downsample", *UNIT_PARTS)) for i in range(4)]
+            total = totals[size_name, size]
+            print("| **stage 3** | " + " | ".join(f"**{v:.1f}**" for v in stage3) + " |")
+            print("| **backbone** | " + " | ".join(f"**{v:.1f}** ({v / total[0] - 1:+.0%})" if i else f"**{v:.1f}**"
+                                                    for i, v in enumerate(total)) + " |")
+    print("\n| backbone GMACs | " + " | ".join(f"{h}x{w}" for h, w in sizes) + " | paper |")
+    print("|---|" + "---|" * (len(sizes) + 1))
     for size_name in SIZES:
-        print(f"\nSTViT-R-Swin-{size_name[0].upper()} backbone at {size[0]}x{size[1]}, GMACs "
-              f"(stage 3 parts summed over its {SIZES[size_name][1][2] // 6} units)\n")
-        print(heads)
-        print("|---|---|---|---|---|")
-        rows = columns(size_name, size)
-        for part, cells in rows.items():
-            print(f"| {part} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
-        stage3 = [sum(rows[p][i] for p in ("stage 3 downsample", *UNIT_PARTS)) for i in range(4)]
-        total = [sum(r[i] for r in rows.values()) for i in range(4)]
-        print("| **stage 3** | " + " | ".join(f"**{v:.1f}**" for v in stage3) + " |")
-        base = total[0]
-        print("| **backbone** | " + " | ".join(f"**{v:.1f}** ({v / base - 1:+.0%})" if i else f"**{v:.1f}**"
-                                                for i, v in enumerate(total)) + " |")
-        print(f"\nPaper: Swin-{size_name[0].upper()} {PAPER[size_name][0]}, "
-              f"STViT-R-Swin-{size_name[0].upper()} {PAPER[size_name][1]} GFLOPs.")
+        letter = size_name[0].upper()
+        for i, label in enumerate((f"Swin-{letter} (timm)", f"STViT-R-Swin-{letter}, classification layout",
+                                   f"STViT-R-Swin-{letter}, detection layout",
+                                   f"STViT-R-Swin-{letter}, released code as written")):
+            base = [totals[size_name, size][0] for size in sizes]
+            cells = [f"{totals[size_name, size][i]:.1f}" + (f" ({totals[size_name, size][i] / b - 1:+.0%})" if i else "")
+                     for size, b in zip(sizes, base)]
+            paper = {0: PAPER[size_name][0], 2: PAPER[size_name][1]}.get(i, "")
+            print(f"| {label} | " + " | ".join(cells) + f" | {paper} |")
     small_224 = columns("small", (224, 224))
     print("\nSwin-S layouts at 224 px (backbone GMACs): " + ", ".join(
         f"{name} {sum(r[i] for r in small_224.values()):.2f}"

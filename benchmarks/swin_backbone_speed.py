@@ -1,7 +1,8 @@
 """CPU speed of STViT-R-Swin-S against timm's Swin-S as feature backbones, and where STViT-R's time goes.
 
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 224 224 --batch-size 8
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 800 1344 --batch-size 1
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 800 1333 --batch-size 1
+    OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py throughput --size 224 224 --batch-size 8 --cpu-time
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py parts --size 224 224 --batch-size 8
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py ops --size 224 224 --batch-size 8
     OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
@@ -20,10 +21,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
+from timm.layers import PatchEmbed
 from timm.models.swin_transformer import WindowAttention
 
 import stvit_core  # noqa: F401  (registers the models)
@@ -37,9 +40,13 @@ UNIT_PARTS = ("Swin block", "generator layer 1", "generator layer 2", "semantic 
 def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
     kw = dict(features_only=True, feature_cls="getter", img_size=size, dynamic_img_size=size != (224, 224))
     models = {
-        "timm Swin-S (SDPA)": timm.create_model("swin_small_patch4_window7_224", **kw),
+        # timm's patch embedding pads to a multiple of 4 only when asked (as mmdetection's Swin and ours do)
+        "timm Swin-S (SDPA)": timm.create_model("swin_small_patch4_window7_224", **kw,
+                                                embed_layer=partial(PatchEmbed, dynamic_img_pad=True)),
         "STViT-R-Swin-S (conv stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", **kw),
         "STViT-R-Swin-S (patch stem)": timm.create_model("stvit_r_swin_small_patch4_window7_224", stem="patch", **kw),
+        "STViT-R-Swin-S (detection layout)": timm.create_model("stvit_r_swin_small_patch4_window7_224",
+                                                               layout="detection", **kw),
     }
     for model in models.values():
         model.eval()
@@ -49,10 +56,34 @@ def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
     return models
 
 
-def throughput(size: Tuple[int, int], batch_size: int, rounds: int) -> None:
+@torch.inference_mode()
+def cpu_time_rounds(models: Dict[str, torch.nn.Module], shape: Tuple[int, ...], batch_size: int, rounds: int,
+                    warmup: int) -> Dict[str, dict]:
+    """Images per second of *process CPU time*, one step per model per round, models alternating. With one
+    thread this is the compute time itself, robust to other processes taking the cores (wall-clock timing on a
+    shared machine is not); stvit_core.benchmark times wall clock, which is what to quote on a quiet machine."""
+    x = torch.randn(batch_size, *shape)
+    for model in models.values():
+        for _ in range(warmup):
+            model(x)
+    samples: Dict[str, List[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            t0 = time.process_time()
+            model(x)
+            samples[name].append(batch_size / (time.process_time() - t0))
+    return {n: {"img_per_sec": statistics.median(v), "img_per_sec_rounds": v} for n, v in samples.items()}
+
+
+def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
     models = backbones(size)
-    settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, min_round_time=2.0)
-    results = benchmark_models(models, (3, *size), settings)
+    if cpu_time:
+        if torch.get_num_threads() != 1:
+            raise SystemExit("Error: --cpu-time needs one thread (OMP_NUM_THREADS=1)")
+        results = cpu_time_rounds(models, (3, *size), batch_size, rounds, warmup)
+    else:
+        settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, warmup=warmup, min_round_time=2.0)
+        results = benchmark_models(models, (3, *size), settings)
     base = "timm Swin-S (SDPA)"
     print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | GMACs | "
           "img/s (median) | rounds | speedup | FLOPs ratio |")
@@ -210,11 +241,14 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="throughput: time process CPU time (one thread), for ratios on a busy machine")
     args = p.parse_args()
     size = tuple(args.size)
     torch.manual_seed(0)
     if args.what == "throughput":
-        throughput(size, args.batch_size, args.rounds)
+        throughput(size, args.batch_size, args.rounds, args.warmup, args.cpu_time)
     elif args.what == "parts":
         parts(size, args.batch_size, args.rounds)
     elif args.what == "ops":

@@ -7,7 +7,8 @@ Hugging Face Hub download), or with a local ``checkpoint`` file, or randomly ini
 
 ``convert('swin_small', semantic_tokens_per_window=9)`` does the same for timm's Swin (STViT-R-Swin, see
 :func:`stvit_core.models.swin.checkpoint_filter_fn`); a ``checkpoint`` in the official STViT-R release format
-(``STViT-R-Swin-S.pth`` / ``-B.pth``) is recognised and loaded as the released model (conv stem).
+(``STViT-R-Swin-S.pth`` / ``-B.pth``) is recognised and loaded as the released model (conv stem); one of the
+released COCO detectors (mmdetection format) gives its backbone, in the detection layout, without the neck and heads.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "convert",
     "convert_model",
     "convert_pair",
+    "convert_detection_checkpoint",
     "convert_release_checkpoint",
     "convert_swin_model",
     "convert_to_directory",
@@ -368,6 +370,45 @@ def convert_release_checkpoint(
     return model
 
 
+def convert_detection_checkpoint(
+    state_dict: Dict[str, Any], source_name: str, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any
+) -> nn.Module:
+    """The backbone of a released STViT-R COCO detector (mmdetection 2.x: ``backbone.`` keys, the neck and heads
+    are left out) -> our ``layout='detection'`` model without a head, computing what the released backbone does.
+
+    Built for any input size (``dynamic_img_size=True``) unless ``img_size`` is given; load it as a feature
+    backbone with ``timm.create_model('local-dir:DIR', pretrained=True, features_only=True)``.
+    """
+    import timm
+
+    from .models.swin import checkpoint_filter_fn, detection_backbone_state_dict
+
+    _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
+    if kwargs.get("num_classes"):
+        raise InvalidArgumentError("num_classes: a detector's backbone has no classifier")
+    backbone = detection_backbone_state_dict(state_dict)
+    try:
+        args = release_model_args(backbone)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"incomplete STViT-R detector checkpoint (missing {e})") from None
+    arch = _release_architecture(args, source_name)
+    args.update(layout="detection", num_classes=0, semantic_tokens_per_window=(
+        DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None else semantic_tokens_per_window))
+    if "img_size" not in kwargs:
+        args["dynamic_img_size"] = True
+    args.update(kwargs)
+    try:
+        model = timm.create_model(arch, pretrained=False, **args)
+        filtered = checkpoint_filter_fn(state_dict, model)
+    except ValueError as e:
+        raise CheckpointError(f"cannot convert the detector checkpoint: {e}") from None
+    _load_strictly(model, filtered, f"detector checkpoint does not fit {arch}")
+    # the weights are the COCO detector's (fine-tuned from the ImageNet release), not the in1k cfg's
+    model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=0, tag="coco")
+    model.stvit_model_args = _json_args(args)
+    return model
+
+
 def _copy_data_config(source: nn.Module, model: nn.Module) -> None:
     src_cfg = dict(getattr(source, "pretrained_cfg", None) or {})
     cfg = dict(model.pretrained_cfg)
@@ -419,11 +460,16 @@ def convert_pair(
     name = resolve_source_name(source)
     _tokens_for_family(name.startswith("swin"), num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
     if checkpoint is not None and name.startswith("swin_"):
-        from .models.swin import is_release_state_dict
+        from .models.swin import detection_backbone_state_dict, is_detector_state_dict, is_release_state_dict
 
         state_dict = load_state_dict_file(checkpoint)
-        if is_release_state_dict(state_dict):
+        if is_detector_state_dict(state_dict) and is_release_state_dict(detection_backbone_state_dict(state_dict)):
+            model = convert_detection_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
+        elif is_release_state_dict(state_dict):
             model = convert_release_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
+        else:
+            model = None
+        if model is not None:
             with torch.device("meta"):
                 base = timm.create_model(name.split(".")[0], pretrained=False, num_classes=model.num_classes,
                                          img_size=model.patch_embed.img_size)

@@ -5,7 +5,8 @@ into a torchvision detector: timm's ``features_only`` maps (NCHW, via ``forward_
 torchvision's :class:`~torchvision.ops.FeaturePyramidNetwork`, whose levels feed torchvision's RPN
 (:class:`~torchvision.models.detection.anchor_utils.AnchorGenerator`) and RoI heads
 (:class:`~torchvision.ops.MultiScaleRoIAlign`). Images are resized and batched by torchvision's
-``GeneralizedRCNNTransform``, which pads each batch to multiples of 32 (what STViT-R-Swin accepts today).
+``GeneralizedRCNNTransform``, which pads each batch to its largest image (rounded up to 32, torchvision's
+default; the STViT-R models take any size).
 
 :func:`train_detector` trains one with torchvision's conventions (the model's loss dict, summed), using timm's
 optimizer and scheduler factories; :func:`evaluate_detector` reports COCO box mAP with pycocotools
@@ -25,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.utils.data
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models._features import FeatureGetterNet
+from timm.models import FeatureInfo
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -38,11 +39,36 @@ from .detection_data import detection_collate
 from .errors import InvalidArgumentError, StvitError
 
 __all__ = [
-    "FeaturePyramidBackbone", "build_detector", "coco_box_map", "evaluate_detector", "feature_backbone", "train_detector",
+    "FeaturePyramidBackbone", "IntermediateFeatures", "build_detector", "coco_box_map", "evaluate_detector",
+    "feature_backbone", "train_detector",
 ]
 
-SIZE_DIVISIBLE = 32  # STViT-R-Swin takes multiples of 32 (stride 32 at stage 4); so does timm's Swin
 DETECTOR_KINDS = ("faster_rcnn", "mask_rcnn")
+
+
+class IntermediateFeatures(nn.Module):
+    """NCHW feature maps of a built timm model through its ``forward_intermediates`` (what timm's
+    ``features_only=True, feature_cls='getter'`` builds from a name): ``prune_intermediate_layers`` drops what
+    the maps do not need (head, final norm, later blocks) in place; ``feature_info`` lists the maps returned."""
+
+    def __init__(self, model: nn.Module, out_indices: Sequence[int]) -> None:
+        super().__init__()
+        if hasattr(model, "prune_intermediate_layers"):
+            out_indices = model.prune_intermediate_layers(list(out_indices), prune_norm=True)
+        self.model = model
+        self.out_indices = tuple(out_indices)
+        self.feature_info = FeatureInfo(model.feature_info, self.out_indices)
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return self.model.forward_intermediates(x, indices=list(self.out_indices), output_fmt="NCHW",
+                                                intermediates_only=True)
+
+
+def _is_nchw_feature_net(model: nn.Module) -> bool:
+    """A feature net that returns NCHW maps from ``forward_intermediates`` (timm's getter, or ours)."""
+    inner = getattr(model, "model", None)
+    return (isinstance(getattr(model, "feature_info", None), FeatureInfo) and inner is not None
+            and hasattr(inner, "forward_intermediates") and str(getattr(model, "output_fmt", "NCHW")).endswith("NCHW"))
 
 
 class FeaturePyramidBackbone(nn.Module):
@@ -80,8 +106,9 @@ def feature_backbone(
     """A timm feature backbone (NCHW maps) from a model name or a model with ``forward_intermediates``.
 
     A name is created with ``features_only=True`` (timm's ``'getter'`` wrapper, so every family gives NCHW
-    maps; timm's Swin would give NHWC with the default wrapper). A model is wrapped in timm's
-    :class:`~timm.models.FeatureGetterNet`, which prunes its head and final norm in place.
+    maps; timm's Swin would give NHWC with the default wrapper). A built model is wrapped in
+    :class:`IntermediateFeatures`, which prunes its head and final norm in place; a built getter feature net
+    (NCHW) is used as it is.
     """
     if isinstance(model, str):
         kwargs = dict(model_kwargs, features_only=True, feature_cls="getter")
@@ -93,16 +120,17 @@ def feature_backbone(
             raise InvalidArgumentError(f"cannot build {model!r} as a feature backbone: {e}") from e
     if model_kwargs or pretrained:
         raise InvalidArgumentError("pretrained and model arguments apply to a model name, not to a built model")
-    if isinstance(model, FeatureGetterNet):
-        if out_indices is not None and tuple(out_indices) != tuple(model.out_indices):
-            raise InvalidArgumentError(f"this feature backbone returns maps {tuple(model.out_indices)}, "
+    if _is_nchw_feature_net(model):
+        if out_indices is not None and tuple(out_indices) != tuple(model.feature_info.out_indices):
+            raise InvalidArgumentError(f"this feature backbone returns maps {tuple(model.feature_info.out_indices)}, "
                                        f"not {tuple(out_indices)}")
         return model
-    if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
-        raise InvalidArgumentError(f"{type(model).__name__} has no timm feature API (forward_intermediates)")
+    if not hasattr(model, "forward_intermediates") or not isinstance(getattr(model, "feature_info", None), list):
+        raise InvalidArgumentError(f"{type(model).__name__} has no timm feature API (forward_intermediates); "
+                                   "a features_only model must give NCHW maps (output_fmt='NCHW')")
     if out_indices is None:
         out_indices = tuple(range(len(model.feature_info)))
-    return FeatureGetterNet(model, tuple(out_indices))
+    return IntermediateFeatures(model, tuple(out_indices))
 
 
 def _backbone_model(body: nn.Module) -> nn.Module:
@@ -110,14 +138,13 @@ def _backbone_model(body: nn.Module) -> nn.Module:
 
 
 def _transform_kwargs(body: nn.Module, min_size: int, max_size: int) -> Dict[str, Any]:
-    """torchvision transform settings: variable sizes padded to 32 for models that take any size, else the one
-    size the model was built for (torchvision's ``fixed_size`` is width, height)."""
+    """torchvision transform settings: variable sizes (batches padded by torchvision) for models that take any
+    size, else the one size the model was built for (torchvision's ``fixed_size`` is width, height)."""
     model = _backbone_model(body)
     cfg = getattr(body, "pretrained_cfg", None) or getattr(model, "pretrained_cfg", None) or {}
     kwargs: Dict[str, Any] = dict(
         image_mean=list(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
         image_std=list(cfg.get("std", IMAGENET_DEFAULT_STD)),
-        size_divisible=SIZE_DIVISIBLE,
         min_size=min_size,
         max_size=max_size,
     )
@@ -126,10 +153,6 @@ def _transform_kwargs(body: nn.Module, min_size: int, max_size: int) -> Dict[str
         # one size: every image is resized to it, and batches are not padded beyond it
         kwargs.update(fixed_size=(int(img_size[1]), int(img_size[0])), size_divisible=1)
     return kwargs
-
-
-def _round_up(n: int, multiple: int = SIZE_DIVISIBLE) -> int:
-    return -(-n // multiple) * multiple
 
 
 def build_detector(
@@ -158,15 +181,15 @@ def build_detector(
         fpn_channels: FPN width; the mask head uses it too (torchvision's defaults are 256).
         representation_size: width of the box head's two fully connected layers (torchvision: 1024).
         min_size, max_size: torchvision's resizing (shorter side to ``min_size``, longer at most ``max_size``);
-            batches are padded to multiples of 32. A model built for one size (``img_size`` without
-            ``dynamic_img_size``, e.g. STViT-R-DeiT) gets every image resized to that size instead.
+            batches are padded to their largest image (rounded up to 32, torchvision's default). A model built for
+            one size (``img_size`` without ``dynamic_img_size``) gets every image resized to that size instead.
         anchor_sizes: one anchor size per FPN level (default: 8 x the level's stride, 32...512 for strides
             4...64 as in torchvision's ResNet-50-FPN detector); aspect ratios 0.5, 1, 2.
         pretrained: load the named model's pretrained weights (timm's mechanism).
-        model_kwargs: arguments for ``timm.create_model`` (e.g. ``drop_path_rate``, ``embed_dim``). When they
-            set neither ``img_size`` nor ``dynamic_img_size``, the model is built with ``dynamic_img_size=True``
-            at ``(min_size, max_size)`` rounded up to 32 (timm's Swin decides at build time whether a stage
-            shifts its windows, so it is built at the size it will see).
+        model_kwargs: arguments for ``timm.create_model`` (e.g. ``layout='detection'``, ``drop_path_rate``,
+            ``embed_dim``). When they set neither ``img_size`` nor ``dynamic_img_size``, the model is built with
+            ``dynamic_img_size=True`` at ``(min_size, max_size)`` (timm's Swin decides at build time whether a
+            stage shifts its windows, so it is built at the size it will see).
         detector_kwargs: any other argument of torchvision's ``FasterRCNN`` / ``MaskRCNN`` (``box_score_thresh``,
             ``rpn_batch_size_per_image``, ``box_detections_per_img``...).
     """
@@ -177,7 +200,7 @@ def build_detector(
     model_kwargs = dict(model_kwargs or {})
     any_size = isinstance(model, str) and "img_size" not in model_kwargs and "dynamic_img_size" not in model_kwargs
     if any_size:
-        model_kwargs.update(dynamic_img_size=True, img_size=(_round_up(min_size), _round_up(max_size)))
+        model_kwargs.update(dynamic_img_size=True, img_size=(min_size, max_size))
     try:
         body = feature_backbone(model, out_indices, pretrained=pretrained, **model_kwargs)
     except InvalidArgumentError as e:

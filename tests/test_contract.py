@@ -79,12 +79,18 @@ def test_default_cfg_keys_and_shapes(name):
         assert len(info) >= 3 and all(r in (4, 8, 16, 32) for r in info.reduction())
 
 
-def test_pretrained_tags_say_the_weights_are_converted():
-    """Weights that exist are DeiT's, converted on load and never fine-tuned: their tag says so."""
+def test_pretrained_tags_say_what_the_weights_are():
+    """DeiT families: DeiT's weights, converted on load and never fine-tuned (``fb_in1k_converted``); STViT-R-Swin
+    S/B: the authors' own ImageNet-1k release (``in1k``), from their Hub repository."""
     tagged = timm.list_pretrained("stvit_*")
-    assert tagged and all(t.endswith(".fb_in1k_converted") for t in tagged)
+    released = {"stvit_r_swin_small_patch4_window7_224.in1k", "stvit_r_swin_base_patch4_window7_224.in1k"}
+    assert released <= set(tagged)
+    assert all(t.endswith(".fb_in1k_converted") for t in set(tagged) - released)
     cfg = timm.models.get_pretrained_cfg("stvit_deit_small_patch16_224")  # the untagged name: the same weights
     assert cfg.tag == "fb_in1k_converted" and cfg.hf_hub_id == "timm/deit_small_patch16_224.fb_in1k"
+    cfg = timm.models.get_pretrained_cfg("stvit_r_swin_small_patch4_window7_224")
+    assert (cfg.tag, cfg.hf_hub_id, cfg.hf_hub_filename) == ("in1k", "csncsn/STViT-R", "STViT-R-Swin-S.pth")
+    assert timm.models.get_pretrained_cfg("stvit_r_swin_base_patch4_window7_224").hf_hub_filename == "STViT-R-Swin-B.pth"
 
 
 # --- forward, backward, head --------------------------------------------------------------------------------
@@ -234,8 +240,10 @@ def test_vit_families_set_input_size(name):
     with torch.no_grad():
         assert torch.equal(model(x), built(x))
         assert model.forward_intermediates(x, intermediates_only=True)[-1].shape[-2:] == (10, 12)
-    with pytest.raises(ValueError, match="dynamic_img_size"):  # claimed unsupported: the pooling grid is static
-        tiny(name, dynamic_img_size=True)
+    dynamic = tiny(name, dynamic_img_size=True).eval()  # any size: the generator pools each input's grid
+    with torch.no_grad():
+        assert dynamic.forward_intermediates(torch.randn(1, 3, 80, 100), intermediates_only=True)[-1].shape[-2:] == (10, 13)
+        assert dynamic(torch.randn(1, 3, 80, 100)).shape == (1, 10)
 
 
 @pytest.mark.parametrize("name", SWIN)

@@ -87,7 +87,7 @@ def test_detector_runs_on_odd_image_sizes(name):
     with torch.no_grad():
         batch, _ = detector.transform(images)
         padded = batch.tensors.shape[-2:]
-        assert padded[0] % 32 == 0 and padded[1] % 32 == 0  # what STViT-R-Swin accepts today
+        assert padded[0] % 32 == 0 and padded[1] % 32 == 0  # torchvision's default size_divisible
         levels = backbone(batch.tensors)
         assert list(levels) == ["0", "1", "2", "3", "pool"]
         for level, stride in zip(levels.values(), backbone.strides):
@@ -117,6 +117,29 @@ def test_mask_rcnn_trains_with_masks():
     assert out["masks"].shape[1:] == (1, *images[0].shape[-2:])
 
 
+def test_detection_layout_detector_on_unpadded_images():
+    """The released detector's layout as the backbone, each image at its own (odd) size: no padding at all."""
+    torch.manual_seed(0)
+    detector = build_detector("stvit_r_swin_tiny_patch4_window7_224", 3, model_kwargs=dict(layout="detection", **TINY),
+                              size_divisible=1, **SMALL_HEADS).eval()
+    body = detector.backbone.body
+    assert body.model.layout == "detection" and body.model.feature_norms is not None
+    image = torch.rand(*ODD_IMAGES[0])
+    with torch.no_grad():
+        batch, _ = detector.transform([image])
+        assert batch.tensors.shape[-2:] == batch.image_sizes[0]  # not padded
+        maps = body(batch.tensors)
+        assert [tuple(m.shape[-2:]) for m in maps] == [tuple(-(-d // s) for d in batch.image_sizes[0])
+                                                       for s in (4, 8, 16, 32)]
+        assert len(detector([image])[0]["boxes"]) <= 100
+    # STViT-R-DeiT takes any size too (the semantic tokens pooled from each image's grid)
+    deit = build_detector("stvit_r_deit_tiny_patch16_224", 3, model_kwargs=dict(embed_dim=48, num_heads=3),
+                          **SMALL_HEADS).eval()
+    assert deit.transform.fixed_size is None
+    with torch.no_grad():
+        assert len(deit([image])) == 1
+
+
 def test_detector_from_built_models_any_size_and_fixed_size():
     any_size = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", dynamic_img_size=True, img_size=(160, 160),
                                  **TINY)
@@ -144,8 +167,6 @@ def test_build_detector_rejects_bad_arguments():
         build_detector("stvit_r_swin_tiny_patch4_window7_224", 1)
     with pytest.raises(InvalidArgumentError, match="anchor_sizes"):
         build_detector("stvit_r_swin_tiny_patch4_window7_224", 3, anchor_sizes=(32, 64), model_kwargs=TINY)
-    with pytest.raises(InvalidArgumentError, match=r"model_kwargs=\{'img_size'"):
-        build_detector("stvit_r_deit_tiny_patch16_224", 3)
     with pytest.raises(InvalidArgumentError, match="model name"):
         build_detector(timm.create_model("swin_tiny_patch4_window7_224", **TINY), 3, model_kwargs=dict(embed_dim=8))
     with pytest.raises(InvalidArgumentError, match="feature API"):
@@ -212,3 +233,10 @@ def test_documented_example_trains_a_detector_far_above_untrained():
     untrained, trained = namespace["untrained"], namespace["trained"]
     assert untrained["map_50"] < 0.02, untrained
     assert trained["map_50"] >= 0.15 and trained["map_50"] > 10 * untrained["map_50"], (untrained, trained)
+
+
+def test_documented_feature_maps_example_runs():
+    # the feature-map example in docs/dense-tasks.md, run as written (its asserts check the shapes)
+    namespace: dict = {}
+    exec(compile(doc_example("feature-maps"), "docs/dense-tasks.md", "exec"), namespace)
+    assert len(namespace["feats"]) == 4 and len(namespace["maps"]) == 4

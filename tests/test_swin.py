@@ -198,12 +198,16 @@ def test_dynamic_size_and_intermediates_agree():
         assert final.shape == (1, 8, 10, 128)
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="multiples of 32"):
-        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", img_size=200, **TINY)
-    model = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", dynamic_img_size=True, **TINY)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model(torch.randn(1, 3, 240, 224))
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="does not match the model's"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", **TINY)(torch.randn(1, 3, 240, 224))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", layout="segmentation", **TINY)
+    with pytest.raises(ValueError, match="global_semantic_tokens does not apply to layout='detection'"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", layout="detection", global_semantic_tokens=True,
+                          **TINY)
+    with pytest.raises(ValueError, match="detection_neighbourhoods applies to layout='detection' only"):
+        timm.create_model("stvit_r_swin_tiny_patch4_window7_224", detection_neighbourhoods=(14, 21, 27), **TINY)
     with pytest.raises(ValueError, match="do not fit a 7x7 window"):
         timm.create_model("stvit_r_swin_tiny_patch4_window7_224", semantic_tokens_per_window=64, **TINY)
     with pytest.raises(ValueError, match="multiple of 6"):
@@ -219,13 +223,12 @@ def test_bad_sizes_are_refused():
 
 @pytest.mark.slow
 def test_cli_bad_inputs(tmp_path):
-    """A token count or image size the model cannot take, a checkpoint of another architecture: one line."""
+    """A token count the model cannot take, a checkpoint of another architecture: one line (any image size is
+    taken: tests/test_any_size.py)."""
     out = str(tmp_path / "out")
     assert_one_line_error(
         run_cli("convert", "swin_tiny", "--no-pretrained", "--tokens-per-window", "5", "--output", out),
         "perfect square")
-    assert_one_line_error(run_cli("convert", "swin_tiny", "--no-pretrained", "--img-size", "200", "--output", out),
-                          "multiples of 32")
     deit = tmp_path / "deit.pth"
     torch.save({"model": timm.create_model("deit_tiny_patch16_224", depth=2).state_dict()}, deit)
     assert_one_line_error(run_cli("convert", "swin_tiny", "--checkpoint", str(deit), "--output", out),
@@ -261,8 +264,8 @@ def test_set_input_size_keeps_windows_and_matches_a_model_built_for_the_size():
     x = torch.randn(1, 3, 256, 320)
     with torch.no_grad():
         assert torch.allclose(model(x), built(x), atol=1e-6)
-    with pytest.raises(ValueError, match="multiples of 32"):
-        model.set_input_size(img_size=(250, 320))
+        model.set_input_size(img_size=(250, 317))  # any size: the stem pads to a multiple of 4
+        assert model.forward_intermediates(torch.randn(1, 3, 250, 317), intermediates_only=True)[-1].shape[-2:] == (8, 10)
 
 
 def test_convert_from_a_microsoft_layout_checkpoint_file(tmp_path):
@@ -294,3 +297,46 @@ def test_layer_decay_groups_follow_swin_depth():
     assert order("layers.2.units.1.image_blocks.0.norm1.weight") < order("layers.2.units.1.generator.layers.0.attn.q.weight") \
         < order("layers.2.units.1.semantic_blocks.1.attn.q.weight") < order("layers.2.units.1.recovery.norm1.weight") \
         < order("layers.2.units.2.image_blocks.0.norm1.weight") < order("layers.3.blocks.0.norm1.weight")
+
+
+def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
+    """Inference runs the stem with BatchNorm folded into the convolutions (channels-last): the same function as
+    the Conv-BN-Hardswish layers in eval mode, within float rounding; training keeps the layers."""
+    from stvit_core.models.swin import ConvStem
+
+    torch.manual_seed(0)
+    stem = ConvStem(embed_dim=32, strict_img_size=False)
+    for m in stem.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # non-trivial running statistics and affine parameters
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            torch.nn.init.normal_(m.weight)
+            torch.nn.init.normal_(m.bias)
+    x = torch.randn(2, 3, 61, 90)
+    stem.eval()
+    with torch.no_grad():
+        reference = stem.proj(torch.nn.functional.pad(x, (0, 2, 0, 3))).permute(0, 2, 3, 1)
+        folded = stem(x)
+    assert folded.shape == (2, 16, 23, 32)
+    torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+    stem.train()
+    assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
+
+
+@pytest.mark.slow
+def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
+    """benchmarks/swin_backbone_speed.py (the issue #14 speed figures) at a small odd size: one row per backbone,
+    speedups and FLOPs ratios against timm's Swin-S (the figures themselves are not checked: no timing in tests)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "throughput", "--size", "61", "93",
+                           "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--cpu-time"],
+                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
+    assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)", "| STViT-R-Swin-S (conv stem)",
+                                                 "| STViT-R-Swin-S (patch stem)", "| STViT-R-Swin-S (detection layout)"]
+    assert all(re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \|$", r) for r in rows), rows

@@ -53,8 +53,10 @@ def convert(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_
     STViT-R-Swin (stage 3 in dumbbell units) with --tokens-per-window. Weights come from timm's pretrained
     checkpoint (Hugging Face Hub download), or --checkpoint FILE, or random with --no-pretrained. A
     --checkpoint from the official STViT-R release (STViT-R-Swin-S.pth / STViT-R-Swin-B.pth) is recognised
-    and gives the released model. Writes config.json + model.safetensors to the output directory; load it
-    with stvit_core.load_model(DIR) or timm.create_model('local-dir:DIR', pretrained=True).
+    and gives the released model; one of its COCO detectors (cascade_mask_rcnn_swin_small_..._coco.pth) gives
+    the detector's backbone (layout='detection', no head, any input size). Writes config.json +
+    model.safetensors to the output directory; load it with stvit_core.load_model(DIR) or
+    timm.create_model('local-dir:DIR', pretrained=True) (add features_only=True for a feature backbone).
 
     \b
     Examples:
@@ -64,6 +66,7 @@ def convert(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_
       stvit convert deit_small --recovery --output stvit-r-deit-s
       stvit convert swin_small --tokens-per-window 9 --output stvit-r-swin-s
       stvit convert swin_small --checkpoint STViT-R-Swin-S.pth --output stvit-r-swin-s-release
+      stvit convert swin_small --checkpoint cascade_mask_rcnn_swin_small_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.pth --output stvit-r-swin-s-coco
     """
     from stvit_core.convert import convert_to_directory
     from stvit_core.errors import InvalidArgumentError

@@ -1,4 +1,8 @@
 """Layers shared by the STViT model families."""
 
+from .local import *  # noqa: F401,F403
+from .local import __all__ as _local_all
 from .semantic import *  # noqa: F401,F403
-from .semantic import __all__  # noqa: F401
+from .semantic import __all__ as _semantic_all
+
+__all__ = list(_semantic_all) + list(_local_all)

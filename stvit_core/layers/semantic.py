@@ -271,12 +271,16 @@ class CrossAttention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor,
         context_index: Optional[torch.Tensor] = None,
+        *,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Attend from ``x`` ``(B, Nq, C)`` to ``context`` ``(B, Nk, C)``.
 
         ``context_index`` ``(G, K)`` splits the queries into ``G`` equal consecutive groups; group ``g`` attends
         only to the context tokens ``context_index[g]`` (local attention over overlapping neighbourhoods). Keys
         and values are projected once per context token and then gathered, never per group.
+        ``attn_mask`` ``(G, K)`` (keyword only; boolean, True = attend) masks keys per group, the same for
+        every query of the group and every sample (``(1, Nk)`` without ``context_index``).
         """
         B, Nq, C = x.shape
         q = self.q(x)
@@ -289,10 +293,15 @@ class CrossAttention(nn.Module):
         q = q.reshape(B * groups, Nq // groups, self.num_heads, self.head_dim).transpose(1, 2)
         kv = kv.reshape(B * groups, k_len, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None:
+            attn_mask = attn_mask.reshape(1, groups, 1, 1, k_len).expand(B, -1, -1, -1, -1).flatten(0, 1)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
+            if attn_mask is not None:
+                attn = attn.masked_fill(~attn_mask, float("-inf"))
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, Nq, C)
         return self.proj_drop(self.proj(x))
@@ -356,11 +365,14 @@ class CrossAttentionBlock(nn.Module):
         x: torch.Tensor,
         context: Optional[torch.Tensor] = None,
         context_index: Optional[torch.Tensor] = None,
+        *,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``context=None`` is self-attention (``x`` normalised once); ``context_index``: see CrossAttention."""
+        """``context=None`` is self-attention (``x`` normalised once); ``context_index``, ``attn_mask``: see
+        CrossAttention."""
         q = self.norm1(x)
         kv = q if context is None else self.norm1(context)
-        return self._residual(x, self.ls1(self.attn(q, kv, context_index)))
+        return self._residual(x, self.ls1(self.attn(q, kv, context_index, attn_mask=attn_mask)))
 
 
 class RecoveryBlock(CrossAttentionBlock):
@@ -531,7 +543,11 @@ class SemanticTokenGenerator(nn.Module):
         if self.pool_index is not None and (grid_size is None or tuple(grid_size) == self.grid_size):
             semantic = gather_max(image_tokens, self.pool_index)
         else:
-            semantic = pool_image_tokens(image_tokens, grid_size or self.grid_size, self.semantic_grid, self.pool)
+            grid_size = grid_size or self.grid_size
+            if self.num_semantic_tokens > grid_size[0] * grid_size[1]:
+                raise ValueError(f"a {grid_size[0]}x{grid_size[1]} token grid is too small for "
+                                 f"num_semantic_tokens={self.num_semantic_tokens}")
+            semantic = pool_image_tokens(image_tokens, grid_size, self.semantic_grid, self.pool)
         if prefix_tokens is not None:
             semantic = torch.cat([prefix_tokens, semantic], dim=1)
             context = torch.cat([prefix_tokens, image_tokens], dim=1)
@@ -707,9 +723,11 @@ class DumbbellUnit(nn.Module):
         """The unit's first half: the image-token map before the generator (an intermediate feature map)."""
         return self.image_blocks(x)
 
-    def forward_semantic(self, x: torch.Tensor) -> torch.Tensor:
-        """The unit's second half, from the image-token map: generator, semantic blocks, recovery."""
-        return self.recovery(x, self.semantic_blocks(self.generator(x)))
+    def forward_semantic(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """The unit's second half, from the image-token map: generator, semantic blocks, recovery.
+        ``grid_size``: the token grid of a token *sequence* when it is not the one the generator was built for."""
+        semantic = self.generator(x) if grid_size is None else self.generator(x, grid_size)
+        return self.recovery(x, self.semantic_blocks(semantic))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_semantic(self.forward_image_blocks(x))
+    def forward(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return self.forward_semantic(self.forward_image_blocks(x), grid_size)

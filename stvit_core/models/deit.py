@@ -50,18 +50,26 @@ R_UNIT_DEPTH = DUMBBELL_UNIT_DEPTH  # deprecated name (0.x releases)
 
 
 
-def _check_static_size(kwargs: Dict[str, Any]) -> None:
+def _any_size_padding(kwargs: Dict[str, Any]) -> None:
+    """``dynamic_img_size=True``: any image size, padded (bottom, right, with zeros) to a multiple of the patch by
+    timm's patch embedding unless ``dynamic_img_pad`` says otherwise."""
     if kwargs.get("dynamic_img_size"):
-        raise ValueError("dynamic_img_size is not supported; build the model with img_size=(H, W) instead")
+        kwargs.setdefault("dynamic_img_pad", True)
 
 
 class _TokenMapFeatures:
     """``forward_intermediates`` / ``prune_intermediate_layers`` over the image-token maps of an STViT ViT.
 
-    ``_feature_steps()`` lists the steps whose outputs are full token maps (what ``feature_info`` lists);
-    ``_finish(x)`` turns the last map into ``forward_features``' output. Same arguments and meaning as timm's
-    ``VisionTransformer.forward_intermediates``.
+    ``_feature_steps(grid)`` lists the steps whose outputs are full token maps (what ``feature_info`` lists);
+    ``_finish(x, grid)`` turns the last map into ``forward_features``' output. Same arguments and meaning as timm's
+    ``VisionTransformer.forward_intermediates``. ``grid`` is the image-token grid ``(H, W)`` of this input: the
+    one built for, or with ``dynamic_img_size`` the input's (``ceil`` of its size over the patch).
     """
+
+    def _token_grid(self, x: torch.Tensor) -> Tuple[int, int]:
+        if self.dynamic_img_size:
+            return tuple(self.patch_embed.dynamic_feat_size(x.shape[-2:]))
+        return tuple(self.patch_embed.grid_size)
 
     def _embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -69,11 +77,12 @@ class _TokenMapFeatures:
         x = self.patch_drop(x)
         return self.norm_pre(x)
 
-    def _to_maps(self, tokens: List[torch.Tensor], output_fmt: str, return_prefix_tokens: bool) -> list:
+    def _to_maps(self, tokens: List[torch.Tensor], output_fmt: str, return_prefix_tokens: bool,
+                 grid: Tuple[int, int]) -> list:
         p = self.num_prefix_tokens
         maps = [y[:, p:] for y in tokens]
         if output_fmt == "NCHW":
-            maps = [y.unflatten(1, tuple(self.patch_embed.grid_size)).permute(0, 3, 1, 2).contiguous() for y in maps]
+            maps = [y.unflatten(1, grid).permute(0, 3, 1, 2).contiguous() for y in maps]
         if return_prefix_tokens and p:
             return list(zip(maps, [y[:, :p] for y in tokens]))
         return maps
@@ -93,7 +102,8 @@ class _TokenMapFeatures:
         features (``forward_features``' output; after ``stop_early`` the final norm of the last map, as timm)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        steps = self._feature_steps()
+        grid = self._token_grid(x)
+        steps = self._feature_steps(grid)
         taken, max_index = take_indices(len(steps), indices)
         x = self._embed_tokens(x)
         run = steps[:max_index + 1] if stop_early or intermediates_only else steps
@@ -102,17 +112,17 @@ class _TokenMapFeatures:
             x = checkpoint(step, x) if self.grad_checkpointing and not torch.jit.is_scripting() else step(x)
             if i in taken:
                 intermediates.append(self.norm(x) if norm else x)
-        maps = self._to_maps(intermediates, output_fmt, return_prefix_tokens and not output_dict)
+        maps = self._to_maps(intermediates, output_fmt, return_prefix_tokens and not output_dict, grid)
         if output_dict:
             out: Dict[str, Any] = {"image_intermediates": maps}
             if return_prefix_tokens and self.num_prefix_tokens:
                 out["image_intermediates_prefix"] = [y[:, :self.num_prefix_tokens] for y in intermediates]
             if not intermediates_only:
-                out["image_features"] = self._finish(x) if len(run) == len(steps) else self.norm(x)
+                out["image_features"] = self._finish(x, grid) if len(run) == len(steps) else self.norm(x)
             return out
         if intermediates_only:
             return maps
-        return (self._finish(x) if len(run) == len(steps) else self.norm(x)), maps
+        return (self._finish(x, grid) if len(run) == len(steps) else self.norm(x)), maps
 
 
 class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
@@ -154,7 +164,7 @@ class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
             raise ValueError(
                 f"depth {depth} cannot hold {num_image_blocks} image-token blocks and a {generator_depth}-layer generator"
             )
-        _check_static_size(kwargs)
+        _any_size_padding(kwargs)
         semantic_grid(num_semantic_tokens)  # validates the square before timm builds anything
         super().__init__(
             global_pool=global_pool,
@@ -240,23 +250,23 @@ class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
         """Patch embedding and the image-token blocks: the features before the generator."""
         return self._run(self.blocks, self._embed_tokens(x))
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         """Image tokens (with prefix) after the image blocks -> the normalised semantic tokens."""
         if self.semantic_token_generator is None:
             raise RuntimeError("this model was pruned to its intermediate layers (prune_intermediate_layers)")
         p = self.num_prefix_tokens
         prefix = x[:, :p] if p else None
-        x = self.semantic_token_generator(x[:, p:], self.patch_embed.grid_size, prefix)
+        x = self.semantic_token_generator(x[:, p:], grid, prefix)
         x = self._run(self.semantic_blocks, x)
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(self.forward_image_tokens(x))
+        return self._finish(self.forward_image_tokens(x), self._token_grid(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _feature_steps(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
+    def _feature_steps(self, grid: Tuple[int, int]) -> List[Callable[[torch.Tensor], torch.Tensor]]:
         return list(self.blocks)
 
     def prune_intermediate_layers(
@@ -430,9 +440,9 @@ _R_SELF_ATTENTION = (0, 3, 4)  # unit positions that stay ViT blocks: the image 
 class _SequenceGenerator(SemanticTokenGenerator):
     """The generator on a ViT token sequence ``concat(prefix, image tokens)`` of a fixed patch grid."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:  # type: ignore[override]
         p = self.num_prefix_tokens
-        return super().forward(x[:, p:], self.grid_size, x[:, :p] if p else None)
+        return super().forward(x[:, p:], grid_size or self.grid_size, x[:, :p] if p else None)
 
 
 class _SequenceRecovery(RecoveryBlock):
@@ -458,8 +468,9 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
     ``self.blocks`` is the sequence of units. The full token map exists twice per unit, after its ViT block and
     after its recovery layer: ``feature_info`` lists both (``blocks.U.image_blocks``, ``blocks.U``), so
     ``forward_intermediates`` gives 2 stride-16 maps per unit; ``features_only=True`` defaults to the units'
-    outputs. Build with ``img_size=(H, W)`` for other input sizes (``dynamic_img_size`` is not supported: the
-    pooling grid is fixed at build time; ``set_input_size`` rebuilds it).
+    outputs. Other input sizes: ``img_size=(H, W)`` (static shapes; ``set_input_size`` rebuilds), or
+    ``dynamic_img_size=True`` (any size, padded to a multiple of the patch; position embeddings resampled and the
+    token grid pooled per call: still ``num_semantic_tokens`` semantic tokens, each covering more of a larger image).
     """
 
     def __init__(
@@ -473,7 +484,7 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
     ) -> None:
         if depth < DUMBBELL_UNIT_DEPTH or depth % DUMBBELL_UNIT_DEPTH:
             raise ValueError(f"depth {depth} is not a multiple of the 6-block dumbbell unit")
-        _check_static_size(kwargs)
+        _any_size_padding(kwargs)
         semantic_grid(num_semantic_tokens)
         super().__init__(depth=depth, drop_path_rate=drop_path_rate, **kwargs)
         self.num_semantic_tokens = num_semantic_tokens
@@ -539,8 +550,12 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # no attention masks: the semantic parts of a unit take none (timm's ViT would pass one to every block)
+        grid = self._token_grid(x)
         x = self._embed_tokens(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.dynamic_img_size:  # the generators pool this input's grid
+            for step in self._feature_steps(grid):
+                x = checkpoint(step, x) if self.grad_checkpointing and not torch.jit.is_scripting() else step(x)
+        elif self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
             x = self.blocks(x)
@@ -549,10 +564,13 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _feature_steps(self) -> List[Callable[[torch.Tensor], torch.Tensor]]:
-        return [step for unit in self.blocks for step in (unit.forward_image_blocks, unit.forward_semantic)]
+    def _feature_steps(self, grid: Tuple[int, int]) -> List[Callable[[torch.Tensor], torch.Tensor]]:
+        if not self.dynamic_img_size:
+            return [step for unit in self.blocks for step in (unit.forward_image_blocks, unit.forward_semantic)]
+        return [step for unit in self.blocks
+                for step in (unit.forward_image_blocks, partial(unit.forward_semantic, grid_size=grid))]
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
         return self.norm(x)
 
     def prune_intermediate_layers(

@@ -10,16 +10,23 @@ The STViT layers have separate ``q``/``kv`` projections, LayerScale (1e-5 at ini
 bias, as released. The release replaces Swin's patch embedding by a convolutional stem (``stem='conv'``);
 ``stem='patch'`` keeps Swin's, for conversion from timm's pretrained Swin.
 
+``layout='detection'`` is the released *detection* backbone (github.com/changsn/STViT-R-Object-Detection) with
+the same parameters plus a LayerNorm on each output map: both generator layers and the recovery layer attend
+over local neighbourhoods (:mod:`stvit_core.layers.local`), every Swin block pads its map to whole windows
+before shifting them and always shifts (mmdetection's Swin), and the final norm is the last feature norm.
+
 The model subclasses timm's :class:`~timm.models.swin_transformer.SwinTransformer` and swaps stage 3 for a
 :class:`RecoverySwinStage` with the same NHWC interface, so it follows timm's Swin conventions: ``forward_features``
 is NHWC (``output_fmt = 'NHWC'``), ``forward_intermediates`` gives NCHW maps (``output_fmt='NHWC'`` too), and
 ``features_only=True`` gives the four stage maps (strides 4/8/16/32) NHWC as timm's Swin does, NCHW with
 ``output_fmt='NCHW'``.
 
-Other input sizes (multiples of 32; build with ``img_size=(H, W)`` or ``dynamic_img_size=True``): the Swin
-blocks pad to whole windows as in timm; the STGM pools windows of the zero-padded map, and its keys are
-taken from the real map only (neighbourhoods shifted inside the map, recovery and global keys unpadded), so
-no attention mask is needed and a 224 px input gives exactly the released computation.
+Any input size (``img_size=(H, W)`` or ``dynamic_img_size=True``): the stem pads the image to a multiple of 4
+(bottom and right, with zeros, as the released detector does), so a stride-``s`` map has ``ceil(H / s)`` rows;
+the Swin blocks pad to whole windows and patch merging pads odd maps, as in timm. In the classification layout
+the STGM pools windows of the zero-padded map and takes its keys from the real map only (neighbourhoods
+shifted inside the map, recovery and global keys unpadded), so no attention mask is needed and a 224 px input
+gives exactly the released computation; the detection layout masks as the released detector does.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, calculate_drop_path_rates, to_2tuple
 from timm.models import (
@@ -41,20 +49,30 @@ from timm.models import (
     register_model,
     register_notrace_function,
 )
-from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.swin_transformer import (
+    SwinTransformer,
+    SwinTransformerBlock,
+    WindowAttention,
+    window_partition,
+    window_reverse,
+)
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from timm.models.vision_transformer import init_weights_vit_timm
 
 from ..layers import (
+    DETECTION_NEIGHBOURHOODS,
     DUMBBELL_UNIT_DEPTH,
     CrossAttentionBlock,
     DumbbellUnit,
     GroupedSelfAttentionBlock,
+    LocalRecoveryBlock,
+    LocalSemanticTokenGenerator,
     RecoveryBlock,
     WindowSemanticTokenGenerator,
     dumbbell_block_index,
     dumbbell_unit_keys,
     semantic_grid,
+    take_indices,
     window_grid,
 )
 
@@ -68,7 +86,20 @@ __all__ = [
 ]
 
 UNIT_DEPTH = DUMBBELL_UNIT_DEPTH  # deprecated name (0.x releases)
-_IMG_MULTIPLE = 32
+LAYOUTS = ("classification", "detection")
+_STEM_STRIDE = 4
+
+
+@torch.fx.wrap  # plain torch.fx.symbolic_trace too
+@register_notrace_function  # reason: reads the traced input size
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad an NCHW image at the bottom and right to a multiple of ``multiple`` (the released detector's stem)."""
+    pad_h, pad_w = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+
+def _stem_grid(img_size: Tuple[int, int]) -> Tuple[int, int]:
+    return -(-img_size[0] // _STEM_STRIDE), -(-img_size[1] // _STEM_STRIDE)
 
 
 class ConvStem(nn.Module):
@@ -104,13 +135,43 @@ class ConvStem(nn.Module):
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, patch_size: Any = None) -> None:
         if img_size is not None:
             self.img_size = to_2tuple(img_size)
-            self.grid_size = (self.img_size[0] // 4, self.img_size[1] // 4)
+            self.grid_size = _stem_grid(self.img_size)
             self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strict_img_size:
             _check_stem_input(x, self.img_size)
-        return self.proj(x).permute(0, 2, 3, 1)
+        x = _pad_to_multiple(x, _STEM_STRIDE)
+        if self.training or torch.jit.is_scripting():
+            return self.proj(x).permute(0, 2, 3, 1)
+        return self._forward_folded(x)
+
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: BatchNorm folded into the convolutions, channels-last (the same function within float
+        rounding). On CPU this runs the stem in ~0.6x the time (BatchNorm passes over full-resolution maps
+        are gone, and the NHWC output needs no copy)."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        for conv, bn in ((self.proj[0], self.proj[1]), (self.proj[3], self.proj[4])):
+            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+            x = F.hardswish(F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
+                                     stride=2, padding=1))
+        return x.permute(0, 2, 3, 1)
+
+
+class PaddedPatchEmbed(PatchEmbed):
+    """timm's patch embedding that zero-pads the image to a multiple of the patch (bottom, right): any size, a
+    ``ceil(H / 4) x ceil(W / 4)`` grid, as the conv stem."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["dynamic_img_pad"] = True
+        super().__init__(*args, **kwargs)
+
+    def _init_img_size(self, img_size: Union[int, Tuple[int, int]]):
+        img_size, _, _ = super()._init_img_size(img_size)
+        if img_size is None:
+            return None, None, None
+        grid = tuple(-(-s // p) for s, p in zip(img_size, self.patch_size))
+        return img_size, grid, grid[0] * grid[1]
 
 
 @torch.fx.wrap  # plain torch.fx.symbolic_trace too
@@ -148,6 +209,33 @@ def _exportable_window_attention(model: nn.Module, fused: bool) -> None:
             module.fused_attn = fused
 
 
+class PadThenShiftSwinBlock(SwinTransformerBlock):
+    """timm's Swin block with mmdetection's order (that of the released detector): pad the map to whole windows,
+    then shift them. timm shifts first and pads after; the two differ where the map is not whole windows."""
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        pad_h, pad_w = -H % self.window_size[0], -W % self.window_size[1]
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        Hp, Wp = H + pad_h, W + pad_w
+        shifted = any(self.shift_size)
+        if shifted:
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        windows = window_partition(x, self.window_size).view(-1, self.window_area, C)
+        mask = self.get_attn_mask(x) if self.dynamic_mask else self.attn_mask
+        windows = self.attn(windows, mask=mask).view(-1, self.window_size[0], self.window_size[1], C)
+        x = window_reverse(windows, self.window_size, Hp, Wp)
+        if shifted:
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x[:, :H, :W, :].contiguous()
+
+
+def _pad_then_shift(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is SwinTransformerBlock:
+            module.__class__ = PadThenShiftSwinBlock
+
+
 class RecoverySwinStage(nn.Module):
     """A Swin stage whose blocks are dumbbell units: PatchMerging, then ``depth // 6`` units, NHWC in and out."""
 
@@ -170,6 +258,8 @@ class RecoverySwinStage(nn.Module):
             for block in unit.image_blocks:
                 block.set_input_size(feat_size=feat, window_size=window, always_partition=always_partition)
             unit.generator.set_grid_size(feat)
+            if isinstance(unit.recovery, LocalRecoveryBlock):
+                unit.recovery.set_grid_size(feat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -178,23 +268,12 @@ class RecoverySwinStage(nn.Module):
         return self.units(x)
 
 
-def _check_img_size(img_size: Tuple[int, int]) -> None:
-    if img_size[0] % _IMG_MULTIPLE or img_size[1] % _IMG_MULTIPLE:
-        raise ValueError(f"image height and width must be multiples of {_IMG_MULTIPLE}, got {img_size[0]}x{img_size[1]}")
-
-
-@torch.fx.wrap  # plain torch.fx.symbolic_trace too
-@register_notrace_function  # reason: reads the traced input size
-def _check_input_size(x: torch.Tensor) -> None:
-    H, W = x.shape[-2:]
-    if H % _IMG_MULTIPLE or W % _IMG_MULTIPLE:
-        raise ValueError(f"input height and width must be multiples of {_IMG_MULTIPLE}, got {H}x{W}")
-
-
 def _check_semantic_args(tokens_per_window: int, window_size: Any, semantic_stage: int, depths: Sequence[int],
-                         stem: str) -> None:
+                         stem: str, layout: str) -> None:
     if stem not in ("conv", "patch"):
         raise ValueError(f"stem must be 'conv' or 'patch', got {stem!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(window_size, int):
         raise ValueError(f"window_size must be one int for all stages, got {window_size!r}")
     try:
@@ -220,12 +299,17 @@ class RecoverySwinTransformer(SwinTransformer):
         semantic_stage: index of the stage made of dumbbell units (2 = stage 3); its depth must be a multiple
             of 6.
         stem: ``'conv'`` (released convolutional stem) or ``'patch'`` (Swin's patch embedding).
+        layout: ``'classification'`` (the released ImageNet model) or ``'detection'`` (the released detection
+            backbone: local generator and recovery layers, mmdetection's Swin blocks, a LayerNorm on each output
+            map; the same weights plus those norms).
         global_semantic_tokens: learned global tokens added to the first unit's global STGM queries (off in
-            the release; tied to ``img_size``).
-        neighbourhood_size: side of the image-token neighbourhood a window's semantic tokens attend to in the
-            local STGM (default window + 3 = 10, as released).
+            the release; tied to ``img_size``; classification layout only).
+        neighbourhood_size: classification layout: side of the image-token neighbourhood a window's semantic
+            tokens attend to in the local STGM (default window + 3 = 10, as released).
+        detection_neighbourhoods: detection layout: sides of the neighbourhoods of generator layer 1 and 2 (image
+            tokens) and of the recovery layer (semantic tokens); released: (14, 21, 27).
         init_values: LayerScale init of the STViT layers (released: 1e-5).
-        semantic_token_pool: ``'max'`` (released) or ``'avg'``.
+        semantic_token_pool: ``'max'`` (released) or ``'avg'`` (classification layout only).
         fused_attn: run the Swin blocks' window attention through ``scaled_dot_product_attention``.
     """
 
@@ -235,8 +319,10 @@ class RecoverySwinTransformer(SwinTransformer):
         semantic_tokens_per_window: int = 9,
         semantic_stage: int = 2,
         stem: str = "conv",
+        layout: str = "classification",
         global_semantic_tokens: bool = False,
         neighbourhood_size: Optional[int] = None,
+        detection_neighbourhoods: Optional[Sequence[int]] = None,
         init_values: Optional[float] = 1e-5,
         semantic_token_pool: str = "max",
         fused_attn: bool = True,
@@ -253,36 +339,46 @@ class RecoverySwinTransformer(SwinTransformer):
         **kwargs: Any,
     ) -> None:
         img_size = to_2tuple(img_size)
-        _check_img_size(img_size)
-        _check_semantic_args(semantic_tokens_per_window, window_size, semantic_stage, depths, stem)
+        _check_semantic_args(semantic_tokens_per_window, window_size, semantic_stage, depths, stem, layout)
+        detection = layout == "detection"
+        _check_layout_args(detection, global_semantic_tokens, neighbourhood_size, detection_neighbourhoods,
+                           semantic_token_pool)
+        if detection:  # mmdetection's Swin: 7x7 windows and shifts in every stage, whatever its size
+            kwargs.setdefault("always_partition", True)
         super().__init__(
             img_size=img_size, embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
             attn_drop_rate=attn_drop_rate, norm_layer=norm_layer,
-            embed_layer=ConvStem if stem == "conv" else PatchEmbed, **kwargs,
+            embed_layer=ConvStem if stem == "conv" else PaddedPatchEmbed, **kwargs,
         )
         self.semantic_tokens_per_window = semantic_tokens_per_window
         self.semantic_stage = semantic_stage
         self.stem = stem
+        self.layout = layout
         self.feature_dim = -1  # timm's mark for NHWC features (channels last), as its sequencer models
         old = self.layers[semantic_stage]
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)[semantic_stage]
-        common = dict(
-            mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-            init_values=init_values,
-            norm_layer=partial(nn.LayerNorm, eps=1e-5) if norm_layer is nn.LayerNorm else norm_layer,
-        )
-        generator_args = dict(
-            window_size=window_size, tokens_per_window=semantic_tokens_per_window,
-            neighbourhood_size=neighbourhood_size, pool=semantic_token_pool, grid_size=old.output_resolution,
-            dynamic_size=self.dynamic_img_size,
-        )
+        ln = partial(nn.LayerNorm, eps=1e-5) if norm_layer is nn.LayerNorm else norm_layer
+        common = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                      init_values=init_values, norm_layer=ln)
+        generator_args = dict(window_size=window_size, tokens_per_window=semantic_tokens_per_window,
+                              grid_size=old.output_resolution, dynamic_size=self.dynamic_img_size)
+        if detection:
+            generator_args["neighbourhoods"] = tuple(detection_neighbourhoods or DETECTION_NEIGHBOURHOODS)
+        else:
+            generator_args.update(neighbourhood_size=neighbourhood_size, pool=semantic_token_pool)
         units = [
             _dumbbell_unit(old.blocks[i], int(embed_dim * 2 ** semantic_stage), num_heads[semantic_stage], dpr[i:i + 6],
                            global_semantic_tokens and i == 0, generator_args, common)  # released: first unit only
             for i in range(0, depths[semantic_stage], DUMBBELL_UNIT_DEPTH)
         ]
         self.layers[semantic_stage] = RecoverySwinStage(old.downsample, units)
+        self.feature_norms: Optional[nn.ModuleList] = None
+        if detection:
+            # the released detector normalises every output map (its norm0-norm3); the last is the final norm
+            self.feature_norms = nn.ModuleList(ln(info["num_chs"]) for info in self.feature_info)
+            self.norm = nn.Identity()
+            _pad_then_shift(self)
         _exportable_window_attention(self, fused_attn)
 
     @torch.jit.ignore
@@ -304,6 +400,9 @@ class RecoverySwinTransformer(SwinTransformer):
             m = re.match(r"^layers\.(\d+)\.(?:downsample|blocks\.(\d+))", name)
             if m:
                 return (1.0, float(m.group(1)), float(m.group(2) or 0))
+            m = re.match(r"^feature_norms\.(\d+)", name)
+            if m:  # with the stage whose map it normalises, after its blocks
+                return (1.0, float(m.group(1)), 99999.0)
             return (float("inf"),)
 
         return ordinal
@@ -315,15 +414,17 @@ class RecoverySwinTransformer(SwinTransformer):
 
     def set_input_size(self, img_size=None, patch_size=None, window_size=None, window_ratio=None, always_partition=None):
         """As timm's, but windows keep their size (the semantic stage's pooling is tied to it)."""
-        if img_size is not None:
-            _check_img_size(to_2tuple(img_size))
         if window_size is None and window_ratio is None:
             window_size = [w[0] for w in self._ref_window_sizes]
         super().set_input_size(img_size, patch_size, window_size, window_ratio, always_partition)
 
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.feature_norms is not None:
+            return self.feature_norms[len(self.layers) - 1](x)
+        return self.norm(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input_size(x)
-        return super().forward_features(x)
+        return self._final_norm(self.layers(self.patch_embed(x)))
 
     def forward_intermediates(
         self,
@@ -334,31 +435,76 @@ class RecoverySwinTransformer(SwinTransformer):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """timm's Swin ``forward_intermediates`` (NCHW maps, final features NHWC); ``output_fmt='NHWC'`` gives
-        the stage maps as the stages produce them."""
+        """timm's Swin ``forward_intermediates``: stage maps NCHW (``output_fmt='NHWC'``: as the stages produce
+        them), final features NHWC; ``norm=True`` puts the final norm on the last stage's map. In the detection
+        layout every map goes through its own feature norm (the released backbone's outputs), so ``norm`` does
+        not apply there."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        _check_input_size(x)
-        out = super().forward_intermediates(x, indices, norm, stop_early, "NCHW", intermediates_only)
-        if output_fmt == "NHWC":
-            maps = [m.permute(0, 2, 3, 1) for m in (out if intermediates_only else out[1])]
-            return maps if intermediates_only else (out[0], maps)
-        return out
+        if norm and self.feature_norms is not None:
+            raise ValueError("norm=True does not apply to the detection layout: every map has its feature norm")
+        taken, max_index = take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        x = self.patch_embed(x)
+        maps = []
+        for i, stage in enumerate(self.layers[:max_index + 1] if stop_early else self.layers):
+            x = stage(x)
+            if i in taken:
+                if self.feature_norms is not None:
+                    y = self.feature_norms[i](x)
+                else:
+                    y = self.norm(x) if norm and i == last else x
+                maps.append(y if output_fmt == "NHWC" else y.permute(0, 3, 1, 2).contiguous())
+        if intermediates_only:
+            return maps
+        return (self._final_norm(x) if i == last else x), maps
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's, plus the feature norms of the stages that go."""
+        taken = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if self.feature_norms is not None:
+            self.feature_norms = self.feature_norms[:len(self.layers)]
+        return taken
+
+
+def _check_layout_args(detection: bool, global_semantic_tokens: bool, neighbourhood_size: Optional[int],
+                       detection_neighbourhoods: Optional[Sequence[int]], pool: str) -> None:
+    """Each layout takes its own options: the other's are refused, never ignored."""
+    if detection:
+        refused = [name for name, bad in (("global_semantic_tokens", global_semantic_tokens),
+                                          ("neighbourhood_size", neighbourhood_size is not None),
+                                          ("semantic_token_pool='avg'", pool != "max")) if bad]
+        if refused:
+            raise ValueError(f"{', '.join(refused)} does not apply to layout='detection' (the released detector "
+                             "has no global tokens, max-pools, and takes detection_neighbourhoods)")
+        if detection_neighbourhoods is not None and len(tuple(detection_neighbourhoods)) != 3:
+            raise ValueError("detection_neighbourhoods takes three sides (generator layers 1 and 2, recovery), "
+                             f"got {detection_neighbourhoods!r}")
+    elif detection_neighbourhoods is not None:
+        raise ValueError("detection_neighbourhoods applies to layout='detection' only (use neighbourhood_size)")
 
 
 def _dumbbell_unit(image_block: nn.Module, dim: int, heads: int, dpr: Sequence[float], global_semantic_tokens: bool,
                    generator_args: Dict[str, Any], common: Dict[str, Any]) -> DumbbellUnit:
     """One unit of the semantic stage: timm's (unshifted) Swin block, the window generator, local and global
-    semantic attention, recovery of the NHWC map; the new layers initialised as timm's ViT."""
-    generator = WindowSemanticTokenGenerator(
-        dim, heads, depth=2, global_semantic_tokens=global_semantic_tokens, drop_path=dpr[1:3], **generator_args,
-        **common,
-    )
+    semantic attention, recovery of the NHWC map; the new layers initialised as timm's ViT. With
+    ``generator_args['neighbourhoods']``, the detection layout's local generator and recovery."""
+    args = dict(generator_args)
+    neighbourhoods = args.pop("neighbourhoods", None)
+    if neighbourhoods is None:
+        generator = WindowSemanticTokenGenerator(
+            dim, heads, depth=2, global_semantic_tokens=global_semantic_tokens, drop_path=dpr[1:3], **args, **common)
+        recovery = RecoveryBlock(dim, heads, input_fmt="NHWC", drop_path=dpr[5], **common)
+    else:
+        generator = LocalSemanticTokenGenerator(dim, heads, neighbourhood_sizes=neighbourhoods[:2], drop_path=dpr[1:3],
+                                                **args, **common)
+        recovery = LocalRecoveryBlock(dim, heads, neighbourhood_size=neighbourhoods[2], drop_path=dpr[5], **args,
+                                      **common)
     semantic_blocks = nn.Sequential(
         GroupedSelfAttentionBlock(dim, heads, group_size=generator.tokens_per_window, drop_path=dpr[3], **common),
         CrossAttentionBlock(dim, heads, drop_path=dpr[4], **common),
     )
-    recovery = RecoveryBlock(dim, heads, input_fmt="NHWC", drop_path=dpr[5], **common)
     for part in (generator, semantic_blocks, recovery):
         named_apply(init_weights_vit_timm, part)
     return DumbbellUnit(nn.Sequential(image_block), generator, semantic_blocks, recovery)
@@ -453,12 +599,28 @@ def _units_from_blocks(state_dict: Dict[str, torch.Tensor], model: RecoverySwinT
     return out
 
 
+def is_detector_state_dict(state_dict: Dict[str, Any]) -> bool:
+    """True for a whole mmdetection detector (``backbone.``, ``neck.``, heads): the released COCO checkpoints."""
+    return any(k.startswith("backbone.layers.") for k in state_dict)
+
+
+def detection_backbone_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A detector's backbone weights (keys under ``backbone.``, or a backbone's own), its output norms
+    ``norm0``-``norm3`` named ``feature_norms.0``..."""
+    if is_detector_state_dict(state_dict):
+        state_dict = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
+    return {re.sub(r"^norm(\d+)\.", r"feature_norms.\1.", k): v for k, v in state_dict.items()}
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwinTransformer) -> Dict[str, torch.Tensor]:
     """Convert a Swin state dict to ``model``'s keys; every key of ``model`` is returned.
 
     * our own format: passed through (files with the 0.x name ``global_tokens`` load too);
     * the official STViT-R release (``{'model': ...}``, downsample at stage ends, ``layer_scale_1``, conv stem
       ``proj.0.c``): renamed one to one;
+    * the released COCO detectors (mmdetection: ``{'state_dict': ...}`` with the backbone under ``backbone.``):
+      the backbone, renamed as the release, its output norms ``norm0``-``norm3`` to ``feature_norms`` (a
+      ``layout='detection'`` model; the neck and heads are left out);
     * timm's or Microsoft's Swin: stages 1, 2, 4, the patch embedding (``stem='patch'``), each unit's Swin
       block and the head are copied; the STViT layers of stage 3 take the attention (``qkv`` split into ``q``
       and ``kv``), MLP and norms of the Swin block at their depth, their LayerScale starts at 1 (the source
@@ -473,11 +635,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwi
     for key in ("model", "state_dict"):
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
-    state_dict = clean_state_dict(state_dict)  # DDP / torch.compile prefixes
+    state_dict = detection_backbone_state_dict(clean_state_dict(state_dict))  # DDP / torch.compile prefixes
     if not is_swin_state_dict(state_dict):
         raise ValueError("not a Swin checkpoint (no 'layers.N.blocks' weights)")
+    if model.feature_norms is None and any(k.startswith("feature_norms.") for k in state_dict):
+        raise ValueError("a detection backbone (output norms norm0-norm3) loads into layout='detection' only")
     if any(re.match(r"layers\.\d+\.units\.", k) for k in state_dict):
-        return state_dict
+        return _other_layout(state_dict, model)
     _check_stage_depths(state_dict, model)
     release = is_release_state_dict(state_dict)
     converted = swin_checkpoint_filter_fn(_units_from_blocks(state_dict, model, release), model)
@@ -494,13 +658,25 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwi
     return out
 
 
+def _other_layout(state_dict: Dict[str, torch.Tensor], model: RecoverySwinTransformer) -> Dict[str, torch.Tensor]:
+    """Our own format, for either layout: the classification model's final norm has no place in the detection
+    layout (whose feature norms start at identity, as the released detector's did from the ImageNet weights)."""
+    if model.feature_norms is None:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
+    for k, v in model.state_dict().items():
+        if k.startswith("feature_norms.") and k not in out:
+            out[k] = v
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Registration
 
 
 def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """timm's Swin features (stage outputs, NHWC); ``output_fmt='NCHW'`` asks for NCHW maps, which come from
-    ``forward_intermediates`` (timm's ``feature_cls='getter'``)."""
+    ``forward_intermediates`` (timm's ``feature_cls='getter'``), as do the detection layout's normalised maps."""
     depths = kwargs.get("depths", (2, 2, 6, 2))
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
     cfg: Dict[str, Any] = dict(flatten_sequential=True, out_indices=out_indices)
@@ -511,19 +687,28 @@ def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
         cfg["output_fmt"] = output_fmt
         if output_fmt == "NCHW":
             cfg["feature_cls"] = "getter"
+    if kwargs.get("features_only") and kwargs.get("layout") == "detection":
+        cfg["feature_cls"] = "getter"
+        if "feature_cls" not in kwargs:  # NHWC as the classification layout's maps; asked for a getter: its NCHW
+            cfg.setdefault("output_fmt", "NHWC")
     return cfg
 
 
 def _create_stvit_r_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> RecoverySwinTransformer:
+    from ..checkpoint import _CONFIG_STANDINS
+
     feature_cfg = _feature_cfg(kwargs)
-    return build_model_with_cfg(
-        RecoverySwinTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+    # the released .pth files pickle their training config (a yacs CfgNode) next to the weights: timm's
+    # weights-only loader reads it as a plain mapping, nothing else is allowed
+    with torch.serialization.safe_globals(_CONFIG_STANDINS):
+        return build_model_with_cfg(
+            RecoverySwinTransformer,
+            variant,
+            pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=feature_cfg,
+            **kwargs,
+        )
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -544,13 +729,16 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
+# The authors' ImageNet-1k weights (trained from scratch as STViT-R, 82.7% / 83.2% top-1), downloaded from their Hub
+# repository and converted on load by checkpoint_filter_fn; evaluated as Swin (resize 256, centre crop 224).
+_RELEASE_HUB_ID = "csncsn/STViT-R"
 default_cfgs = generate_default_cfgs(
     {
-        # No weights download here: the official release (csncsn/STViT-R on the Hugging Face Hub) is converted
-        # from its file with `stvit convert swin_small --checkpoint STViT-R-Swin-S.pth --output DIR`.
-        "stvit_r_swin_tiny_patch4_window7_224": _cfg(),
-        "stvit_r_swin_small_patch4_window7_224": _cfg(),
-        "stvit_r_swin_base_patch4_window7_224": _cfg(),
+        "stvit_r_swin_tiny_patch4_window7_224": _cfg(),  # not released
+        "stvit_r_swin_small_patch4_window7_224.in1k": _cfg(
+            hf_hub_id=_RELEASE_HUB_ID, hf_hub_filename="STViT-R-Swin-S.pth", crop_pct=0.875),
+        "stvit_r_swin_base_patch4_window7_224.in1k": _cfg(
+            hf_hub_id=_RELEASE_HUB_ID, hf_hub_filename="STViT-R-Swin-B.pth", crop_pct=0.875),
     }
 )
 
