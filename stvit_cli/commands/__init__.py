@@ -7,5 +7,6 @@ from .env import env
 from .eval import eval_group
 from .finetune import finetune
 from .hub import pull, push_to_hub
+from .vis import vis
 
-COMMANDS = [demo, convert, finetune, eval_group, benchmark, push_to_hub, pull, env]
+COMMANDS = [demo, convert, finetune, eval_group, benchmark, vis, push_to_hub, pull, env]
