@@ -8,6 +8,11 @@ subset and the shipped photo of Chelsea the cat (stvit_core/data/detection_backg
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +45,7 @@ from stvit_core.vis import (
     visualise_images,
 )
 
-from .train_utils import cli, cli_in_process
+from .train_utils import cli, cli_in_process, env
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "stvit_core" / "data" / "detection_backgrounds" / "chelsea.jpg"
@@ -305,3 +310,69 @@ def test_cli_swin_unit_and_layer(tmp_path):
     result = cli_in_process(["vis", str(model_dir), str(PHOTO), "-o", str(tmp_path / "out2"), "--unit", "1"])
     assert result.returncode == 2 and "--unit 1 is out of range" in result.stderr
     assert not (tmp_path / "out2").exists()
+
+
+DOCS = ROOT / "docs" / "visualise.md"
+
+
+def _doc_blocks() -> list:
+    return re.findall(r"```(bash|python)\n(.*?)```", DOCS.read_text(), re.S)
+
+
+def _tiny_fashion_mnist(folder: Path) -> Path:
+    """7 training and 3 validation images per class of the embedded subset (one batch of 64 to train on)."""
+    for split, count in (("train", 7), ("val", 3)):
+        for class_dir in sorted((embedded_dataset_path() / split).iterdir()):
+            (folder / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, folder / split / class_dir.name / image.name)
+    return folder
+
+
+@pytest.mark.slow
+def test_docs_blocks_run_and_the_object_mass_check_produces_its_numbers(tmp_path, monkeypatch):
+    """Every code block of docs/visualise.md, as written, in a scratch folder that mirrors the repository's
+    relative paths (stvit_core/, benchmarks/, docs/images/); `stvit` and `python` are this interpreter. One
+    change: the check's fine-tune is 1 epoch on 70 images (--epochs 1 --data TINY appended), which also runs
+    benchmarks/vis_object_mass.py end to end: it must produce its table and JSON (the values are in the docs)."""
+    for name in ("stvit_core", "benchmarks"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "docs" / "images").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, run in (("stvit", f"{sys.executable} -m stvit_cli"), ("python", sys.executable)):
+        (bin_dir / tool).write_text(f'#!/bin/sh\nexec {run} "$@"\n')
+        (bin_dir / tool).chmod(0o755)
+    tiny = _tiny_fashion_mnist(tmp_path / "tiny")
+    environment = {**env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    blocks = _doc_blocks()
+    assert [lang for lang, _ in blocks] == ["bash", "python", "bash"]
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for lang, code in blocks:
+        if lang == "python":
+            exec(compile(code, str(DOCS), "exec"), {})
+            continue
+        code = code.replace("--work runs/vis-check", f"--work runs/vis-check --epochs 1 --data {tiny}")
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=tmp_path, env=environment,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert [Path(f).name for f in json.loads(outputs[0])["files"]] == ["chelsea.png", "val_00018.png"]
+    assert (tmp_path / "runs" / "vis" / "contact-sheet.png").is_file()
+    result = json.loads((tmp_path / "runs" / "vis-check" / "vis_object_mass.json").read_text())
+    assert [(r["model"], r["layer"]) for r in result["rows"]] == [
+        ("before fine-tuning", 0), ("after fine-tuning", 0), ("before fine-tuning", 1), ("after fine-tuning", 1)]
+    for row in result["rows"]:
+        assert 0 < row["object_share"] < 1 and 0 <= row["mass_on_objects"] <= 1 and row["images"] == 30
+        assert 0.5 <= row["partition_purity"] <= 1 and 1 <= row["regions"] <= 16
+    assert outputs[1].count("| before fine-tuning |") == 2 and "attention mass on objects" in outputs[1]
+    assert _decoded(tmp_path / "docs" / "images" / "vis-fashion-mnist.png").shape[:2][::-1] == figure_size(16)
+
+
+def test_docs_picture_is_the_commands_figure():
+    """The committed picture is a figure `stvit vis` draws (its size for 16 tokens) and stays small."""
+    picture = ROOT / "docs" / "images" / "vis-fashion-mnist.png"
+    assert picture.stat().st_size < 300_000
+    assert _decoded(picture).shape[:2][::-1] == figure_size(16)
+    assert "docs/images/vis-fashion-mnist.png" in (ROOT / "README.md").read_text()
