@@ -276,6 +276,7 @@ def test_image_sources_names_and_problems(tmp_path):
     assert len(problems) == 2 and "no images in" in problems[0] and "missing.png" in problems[1]
 
 
+@pytest.mark.slow
 def test_cli_draws_the_readable_images_and_names_the_others(tmp_path):
     """One bad file among good ones: its line on stderr, the others drawn, exit 1, --json lists what was
     written (a real process, not a TTY: no progress bar)."""
