@@ -58,6 +58,7 @@ def inputs(tmp_path_factory) -> Dict[str, str]:
     from stvit_core.data import embedded_dataset_path
 
     image.write_bytes(next(iter(sorted((embedded_dataset_path() / "val" / "coat").iterdir()))).read_bytes())
+    _vis_inputs(d)
     return {"in": str(d), "model": str(model), "weights": str(model / "model.safetensors"), "img": str(image)}
 
 
@@ -82,6 +83,13 @@ def _plain_onnx(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
 
 
+def _vis_inputs(d: Path) -> None:
+    """For `stvit vis`: an image of another size than the model's (the plain DeiT is ``_plain_deit_dir``)."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 120, 40)).save(d / "image.png")
+
+
 def _closed_port_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -101,6 +109,7 @@ EVAL = ["eval", "folder", "-m", "{model}", *FM]
 BENCH = ["benchmark", "deit_tiny", "-b", "2", "--rounds", "1", "--round-time", "0.01"]
 CONVERT = ["convert", "deit_tiny", "--no-pretrained", "-o", "{out}/c"]
 SWIN = ["convert", "swin_tiny", "--no-pretrained", "-o", "{out}/c"]
+VIS = ["vis", "{model}", "{in}/image.png", "-o", "{out}/vis"]
 
 EXPORT = ["export", "{model}", "-o", "{out}/m.onnx"]
 PREDICT = ["predict", "{model}", "{img}"]
@@ -254,6 +263,42 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("eval-results-file-not-writable", [*EVAL, "--results-file", "/sys/stvit-contract.csv"], FAILED,
      ("cannot write /sys",), ()),
     ("eval-unknown-subcommand", ["eval", "cifar"], USAGE, ("No such command",), ()),
+    # -- vis
+    ("vis-not-an-stvit-model", ["vis", "{in}/plain-deit", "{in}/image.png", "-o", "{out}/vis"], INVALID,
+     ("not an STViT model",), ()),
+    ("vis-layer-out-of-range", [*VIS, "--layer", "2"], INVALID, ("--layer 2 is out of range", "0 to 1"), ()),
+    ("vis-layer-negative", [*VIS, "--layer", "-1"], USAGE, ("--layer", "x>=0"), ()),
+    ("vis-unit-without-units", [*VIS, "--unit", "0"], INVALID, ("--unit 0 cannot apply",), ()),
+    ("vis-unit-negative", [*VIS, "--unit", "-1"], USAGE, ("--unit",), ()),
+    ("vis-output-not-writable", [*VIS[:-1], "/sys/stvit-contract/vis"], FAILED, ("cannot write /sys",), ()),
+    ("vis-output-under-a-file", [*VIS[:-1], "{in}/blocker/vis"], FAILED, ("cannot write", "blocker"), ()),
+    ("vis-output-is-a-file", [*VIS[:-1], "{in}/blocker"], USAGE, ("--output", "blocker"), ()),
+    ("vis-missing-output", VIS[:-2], USAGE, ("Missing option", "--output"), ()),
+    ("vis-missing-images", ["vis", "{model}", "-o", "{out}/vis"], USAGE, ("Missing argument", "IMAGE_OR_DIR"), ()),
+    ("vis-unreadable-image", ["vis", "{model}", "{in}/random.pth", "-o", "{out}/vis"], FAILED,
+     ("cannot read image", "random.pth"), ()),
+    ("vis-missing-image", ["vis", "{model}", "{in}/nothing.png", "-o", "{out}/vis"], FAILED,
+     ("cannot read", "nothing.png", "No such file"), ()),
+    ("vis-folder-without-images", ["vis", "{model}", "{in}/nonempty", "-o", "{out}/vis"], FAILED,
+     ("no images in", "nonempty"), ()),
+    ("vis-fill-unknown", [*VIS, "--fill", "random"], USAGE, ("--fill",), ()),
+    ("vis-device-tpu", [*VIS, "--device", "tpu"], USAGE, ("--device",), ()),
+    ("vis-device-cuda-missing", [*VIS, "--device", "cuda"], INVALID, ("CUDA is not available",),
+     (pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA"),)),
+    ("vis-tokens-for-a-saved-model", [*VIS, "--tokens", "16"], INVALID, ("--tokens applies when",), ()),
+    ("vis-swin-tokens", ["vis", "swin_tiny", "{in}/image.png", "-o", "{out}/vis", "--tokens", "16"], INVALID,
+     ("--tokens is for DeiT/ViT",), ()),
+    ("vis-deit-tokens-per-window", ["vis", "deit_tiny", "{in}/image.png", "-o", "{out}/vis", "--tokens-per-window",
+                                    "9"], INVALID, ("--tokens-per-window is for Swin",), ()),
+    ("vis-hub-offline", ["vis", "hf-hub:alice/nothing-here", "{in}/image.png", "-o", "{out}/vis"], FAILED,
+     ("offline mode is on",), ()),
+    ("vis-source-offline", ["vis", "deit_tiny", "{in}/image.png", "-o", "{out}/vis"], FAILED,
+     ("offline mode is on", "--checkpoint FILE", "--no-pretrained"), ()),
+    ("vis-tokens-15", ["vis", "deit_tiny", "{in}/image.png", "-o", "{out}/vis", "--no-pretrained", "--tokens", "15"],
+     INVALID, ("--tokens must be a perfect square",), ()),
+    ("vis-checkpoint-for-a-saved-model", [*VIS, "--checkpoint", "{weights}"], INVALID, ("--checkpoint",), ()),
+    ("vis-checkpoint-corrupt", ["vis", "deit_tiny", "{in}/image.png", "-o", "{out}/vis", "--checkpoint",
+                                "{in}/random.pth"], FAILED, ("not a PyTorch checkpoint (or corrupt)",), ()),
     # -- hub
     ("push-not-a-model", ["push-to-hub", "{in}/not-a-model", "alice/x"], FAILED, ("not a model directory",), ()),
     ("push-missing-directory", ["push-to-hub", "{in}/no-model", "alice/x"], FAILED, ("not a directory",), ()),

@@ -9,5 +9,6 @@ from .export import export
 from .finetune import finetune
 from .hub import pull, push_to_hub
 from .predict import predict
+from .vis import vis
 
-COMMANDS = [demo, convert, finetune, eval_group, benchmark, export, predict, push_to_hub, pull, env]
+COMMANDS = [demo, convert, finetune, eval_group, benchmark, export, predict, vis, push_to_hub, pull, env]
