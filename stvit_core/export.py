@@ -167,9 +167,10 @@ def _features_model(spec: str, model: nn.Module, architecture: str) -> nn.Module
 
 
 def is_features_model(model: nn.Module) -> bool:
-    from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet
+    # timm's features_only wrappers carry a FeatureInfo (public); classification models a plain list of dicts
+    from timm.models import FeatureInfo
 
-    return isinstance(model, (FeatureDictNet, FeatureGetterNet, FeatureHookNet, FeatureListNet))
+    return isinstance(getattr(model, "feature_info", None), FeatureInfo)
 
 
 # ---------------------------------------------------------------------------------------------------------------
