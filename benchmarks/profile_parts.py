@@ -10,23 +10,11 @@ blocks, norm + head; for the base model, the same four blocks and the eight bloc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from swin_backbone_speed import median_time as timed  # a sibling script (benchmarks/ is sys.path[0])
 
 from stvit_core.benchmark import models_for_benchmark
-
-
-def timed(fn, reps: int) -> float:
-    with torch.inference_mode():
-        fn()
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def main() -> None:

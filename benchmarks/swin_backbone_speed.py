@@ -97,7 +97,7 @@ def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int 
 
 
 @torch.inference_mode()
-def _median_time(fn: Callable[[], object], reps: int) -> float:
+def median_time(fn: Callable[[], object], reps: int) -> float:
     fn()
     samples = []
     for _ in range(reps):
@@ -172,7 +172,7 @@ def parts(size: Tuple[int, int], batch_size: int, reps: int) -> None:
     timed = {}
     for name in ("timm Swin-S (SDPA)", "STViT-R-Swin-S (patch stem)"):
         calls = part_calls(models[name], x)
-        timed[name] = {p: (sum(_median_time(c, reps) for c in cs) * 1e3, sum(_count(c) for c in cs))
+        timed[name] = {p: (sum(median_time(c, reps) for c in cs) * 1e3, sum(_count(c) for c in cs))
                        for p, cs in calls.items()}
     base, ours = timed["timm Swin-S (SDPA)"], timed["STViT-R-Swin-S (patch stem)"]
     for p in UNIT_PARTS:
@@ -189,12 +189,12 @@ def parts(size: Tuple[int, int], batch_size: int, reps: int) -> None:
             h2 = inner.layers[1](h1)
             h3 = inner.layers[2](h2)
         t = {
-            "stem": _median_time(lambda: inner.patch_embed(x), reps),
-            "stage 1": _median_time(lambda: inner.layers[0](h0), reps),
-            "stage 2": _median_time(lambda: inner.layers[1](h1), reps),
-            "stage 3": _median_time(lambda: inner.layers[2](h2), reps),
-            "stage 4": _median_time(lambda: inner.layers[3](h3), reps),
-            "whole": _median_time(lambda: model(x), reps),
+            "stem": median_time(lambda: inner.patch_embed(x), reps),
+            "stage 1": median_time(lambda: inner.layers[0](h0), reps),
+            "stage 2": median_time(lambda: inner.layers[1](h1), reps),
+            "stage 3": median_time(lambda: inner.layers[2](h2), reps),
+            "stage 4": median_time(lambda: inner.layers[3](h3), reps),
+            "whole": median_time(lambda: model(x), reps),
         }
         print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
 

@@ -339,10 +339,6 @@ def convert_release_checkpoint(
     ``state_dict`` is the release's ``model`` entry (what :func:`stvit_core.checkpoint.load_state_dict_file`
     returns for the release ``.pth``).
     """
-    import timm
-
-    from .models.swin import checkpoint_filter_fn
-
     _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
     try:
         args = release_model_args(state_dict)
@@ -358,15 +354,25 @@ def convert_release_checkpoint(
     args["semantic_tokens_per_window"] = (DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None
                                           else semantic_tokens_per_window)
     args.update(kwargs)
+    model = _build_release_model(arch, args, state_dict, "release")
+    # the release evaluates as Swin does: bicubic resize to 256, centre crop 224, ImageNet mean/std
+    model.pretrained_cfg = dict(model.pretrained_cfg, crop_pct=0.875, interpolation="bicubic")
+    model.stvit_model_args = _json_args(args)
+    return model
+
+
+def _build_release_model(arch: str, args: Dict[str, Any], state_dict: Dict[str, Any], what: str) -> nn.Module:
+    """``arch`` built with ``args`` and the released ``state_dict`` loaded strictly (timm names, via the filter)."""
+    import timm
+
+    from .models.swin import checkpoint_filter_fn
+
     try:
         model = timm.create_model(arch, pretrained=False, **args)
         filtered = checkpoint_filter_fn(state_dict, model)
     except ValueError as e:
-        raise CheckpointError(f"cannot convert the release checkpoint: {e}") from None
-    _load_strictly(model, filtered, f"release checkpoint does not fit {arch}")
-    # the release evaluates as Swin does: bicubic resize to 256, centre crop 224, ImageNet mean/std
-    model.pretrained_cfg = dict(model.pretrained_cfg, crop_pct=0.875, interpolation="bicubic")
-    model.stvit_model_args = _json_args(args)
+        raise CheckpointError(f"cannot convert the {what} checkpoint: {e}") from None
+    _load_strictly(model, filtered, f"{what} checkpoint does not fit {arch}")
     return model
 
 
@@ -379,9 +385,8 @@ def convert_detection_checkpoint(
     Built for any input size (``dynamic_img_size=True``) unless ``img_size`` is given; load it as a feature
     backbone with ``timm.create_model('local-dir:DIR', pretrained=True, features_only=True)``.
     """
-    import timm
 
-    from .models.swin import checkpoint_filter_fn, detection_backbone_state_dict
+    from .models.swin import detection_backbone_state_dict
 
     _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
     if kwargs.get("num_classes"):
@@ -397,12 +402,7 @@ def convert_detection_checkpoint(
     if "img_size" not in kwargs:
         args["dynamic_img_size"] = True
     args.update(kwargs)
-    try:
-        model = timm.create_model(arch, pretrained=False, **args)
-        filtered = checkpoint_filter_fn(state_dict, model)
-    except ValueError as e:
-        raise CheckpointError(f"cannot convert the detector checkpoint: {e}") from None
-    _load_strictly(model, filtered, f"detector checkpoint does not fit {arch}")
+    model = _build_release_model(arch, args, state_dict, "detector")
     # the weights are the COCO detector's (fine-tuned from the ImageNet release), not the in1k cfg's
     model.pretrained_cfg = dict(model.pretrained_cfg, num_classes=0, tag="coco")
     model.stvit_model_args = _json_args(args)
