@@ -433,8 +433,11 @@ def render_figure(image: np.ndarray, attention: np.ndarray, partition: np.ndarra
         _paste(canvas, _heat_thumbnail(image, attention[s], scale), x, y, THUMB)
         colour = tuple(int(c) for c in palette[s])
         draw.rectangle((x, y, x + THUMB - 1, y + THUMB - 1), outline=colour, width=2)
-        draw.text((x + 4, y + 3), f"{s} {100 * float(attention[s].sum()):.0f}%", fill=colour, font=font,
-                  stroke_width=1, stroke_fill=(0, 0, 0))
+        # index top left, share of attention on image tokens top right (the default font has narrow spaces)
+        share = f"{100 * float(attention[s].sum()):.0f}%"
+        for position, text in (((x + 4, y + 3), f"#{s}"), ((x + THUMB - 4 - draw.textlength(share, font=font), y + 3),
+                                                          share)):
+            draw.text(position, text, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return canvas
 
 
