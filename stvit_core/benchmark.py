@@ -98,6 +98,7 @@ def _sync(device: torch.device) -> None:
 def _make_step(model: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Callable[[], Any]:
     device = x.device
     dtype = DTYPES[settings.dtype]
+    # not stvit_core.device.autocast (a no-op off CUDA): --dtype bfloat16 also autocasts on CPU here
     autocast = (
         torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     )
