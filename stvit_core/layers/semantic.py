@@ -489,7 +489,8 @@ class SemanticTokenGenerator(nn.Module):
             ``torch.compile`` see no data-dependent branch).
         grid_size: the image-token grid ``(H, W)``; the max-pooling bins become an index buffer for it.
 
-    ``forward(image_tokens, grid_size=None, prefix_tokens=None)`` returns ``concat(prefix, semantic tokens)``.
+    ``forward(image_tokens, grid_size=None, prefix_tokens=None, context=None)`` returns ``concat(prefix, semantic
+    tokens)``.
     Prefix tokens (a class token) travel with the semantic tokens: in layer 1 they attend to
     ``concat(prefix, image tokens)`` exactly as in the self-attention block the layer is converted from.
     """
@@ -539,7 +540,10 @@ class SemanticTokenGenerator(nn.Module):
         image_tokens: torch.Tensor,
         grid_size: Optional[Tuple[int, int]] = None,
         prefix_tokens: Optional[torch.Tensor] = None,
+        context: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """``context``: ``concat(prefix_tokens, image_tokens)`` where the caller already holds it (a ViT's token
+        sequence), so that layer 1's keys are not concatenated again (a copy of every image token)."""
         if self.pool_index is not None and (grid_size is None or tuple(grid_size) == self.grid_size):
             semantic = gather_max(image_tokens, self.pool_index)
         else:
@@ -550,8 +554,9 @@ class SemanticTokenGenerator(nn.Module):
             semantic = pool_image_tokens(image_tokens, grid_size, self.semantic_grid, self.pool)
         if prefix_tokens is not None:
             semantic = torch.cat([prefix_tokens, semantic], dim=1)
-            context = torch.cat([prefix_tokens, image_tokens], dim=1)
-        else:
+            if context is None:
+                context = torch.cat([prefix_tokens, image_tokens], dim=1)
+        elif context is None:
             context = image_tokens
         semantic = self.layers[0](semantic, context)
         return _refine_globally(self.layers[1:], semantic, image_tokens, self.global_semantic_tokens,

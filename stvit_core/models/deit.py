@@ -42,6 +42,7 @@ from ..layers import (
     self_to_cross_attention_keys,
     semantic_grid,
     take_indices,
+    use_patch_projection,
 )
 
 __all__ = ["RecoveryVisionTransformer", "SemanticVisionTransformer", "checkpoint_filter_fn", "recovery_checkpoint_filter_fn"]
@@ -173,6 +174,7 @@ class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
             drop_path_rate=drop_path_rate,
             **kwargs,
         )
+        use_patch_projection(self.patch_embed)  # the patch convolution as one GEMM on CUDA (layers/patch.py)
         self.num_semantic_tokens = num_semantic_tokens
         self.num_image_blocks = num_image_blocks
         self.generator_depth = generator_depth
@@ -256,7 +258,7 @@ class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
             raise RuntimeError("this model was pruned to its intermediate layers (prune_intermediate_layers)")
         p = self.num_prefix_tokens
         prefix = x[:, :p] if p else None
-        x = self.semantic_token_generator(x[:, p:], grid, prefix)
+        x = self.semantic_token_generator(x[:, p:], grid, prefix, context=x)  # x is concat(prefix, image tokens)
         x = self._run(self.semantic_blocks, x)
         return self.norm(x)
 
@@ -442,7 +444,7 @@ class _SequenceGenerator(SemanticTokenGenerator):
 
     def forward(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:  # type: ignore[override]
         p = self.num_prefix_tokens
-        return super().forward(x[:, p:], grid_size or self.grid_size, x[:, :p] if p else None)
+        return super().forward(x[:, p:], grid_size or self.grid_size, x[:, :p] if p else None, context=x)
 
 
 class _SequenceRecovery(RecoveryBlock):
@@ -487,6 +489,7 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
         _any_size_padding(kwargs)
         semantic_grid(num_semantic_tokens)
         super().__init__(depth=depth, drop_path_rate=drop_path_rate, **kwargs)
+        use_patch_projection(self.patch_embed)  # the patch convolution as one GEMM on CUDA (layers/patch.py)
         self.num_semantic_tokens = num_semantic_tokens
         blocks = list(self.blocks)
         ref = blocks[0]
