@@ -63,25 +63,38 @@ class Pair:
     target: Optional[float]  # speedup (base time / STViT time) the issue asks for
     target_text: str
     compile: bool
-    estimate_s: float  # seconds on one H100 at the default settings, process start and warm-up included
+    estimate_s: float  # seconds at the default settings, process start and warm-up included (H200 run + margin)
     label: str
+    compile_mode: Optional[str] = None  # inductor mode; None: 'reduce-overhead' for latency, else the default
+    base_patch_projection: bool = False  # base with STViT's GEMM patch embedding: the semantic tokens' own share
 
 
 DEIT_S, STVIT_DEIT_S = "deit_small_patch16_224", "stvit_deit_small_patch16_224"
 PAIRS: List[Pair] = [
-    Pair("deit_s", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", False, 20,
+    Pair("deit_s", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", False, 25,
          "STViT-DeiT-S(16) vs DeiT-S, eager"),
-    Pair("deit_s_compile", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", True, 100,
+    Pair("deit_s_same_embed", "inference", STVIT_DEIT_S, DEIT_S, None, "none (reported)", False, 20,
+         "STViT-DeiT-S(16) vs DeiT-S with the same GEMM patch embedding, eager", base_patch_projection=True),
+    Pair("deit_s_compile", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", True, 50,
          "STViT-DeiT-S(16) vs DeiT-S, torch.compile"),
+    Pair("deit_s_graphs", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", True, 50,
+         "STViT-DeiT-S(16) vs DeiT-S, torch.compile reduce-overhead (CUDA graphs)", compile_mode="reduce-overhead"),
     Pair("deit_t", "inference", "stvit_deit_tiny_patch16_224", "deit_tiny_patch16_224", 2.0, ">= 2.0x", False, 15,
          "STViT-DeiT-T(16) vs DeiT-T, eager"),
-    Pair("deit_b", "inference", "stvit_deit_base_patch16_224", "deit_base_patch16_224", 2.2, ">= 2.2x", False, 25,
+    Pair("deit_t_graphs", "inference", "stvit_deit_tiny_patch16_224", "deit_tiny_patch16_224", 2.0, ">= 2.0x", True,
+         40, "STViT-DeiT-T(16) vs DeiT-T, torch.compile reduce-overhead (CUDA graphs)", compile_mode="reduce-overhead"),
+    Pair("deit_b", "inference", "stvit_deit_base_patch16_224", "deit_base_patch16_224", 2.2, ">= 2.2x", False, 15,
          "STViT-DeiT-B(16) vs DeiT-B, eager"),
     Pair("swin_s", "inference", "stvit_r_swin_small_patch4_window7_224", "swin_small_patch4_window7_224", 1.3,
-         ">= 1.3x", False, 30, "STViT-R-Swin-S(9) vs Swin-S (fused attention), eager"),
-    Pair("train_deit_s", "train", STVIT_DEIT_S, DEIT_S, 1.8, ">= 1.8x", False, 30,
+         ">= 1.3x", False, 15, "STViT-R-Swin-S(9) vs Swin-S (fused attention), eager"),
+    Pair("train_deit_s", "train", STVIT_DEIT_S, DEIT_S, 1.8, ">= 1.8x", False, 25,
          "training step (fwd + bwd + AdamW) STViT-DeiT-S(16) vs DeiT-S"),
-    Pair("latency_deit_s", "latency", STVIT_DEIT_S, DEIT_S, 1.0, "p50 ratio >= 1.0", True, 110,
+    Pair("train_deit_s_compile", "train", STVIT_DEIT_S, DEIT_S, 1.8, ">= 1.8x", True, 90,
+         "training step (fwd + bwd + AdamW) STViT-DeiT-S(16) vs DeiT-S, torch.compile"),
+    Pair("train_deit_s_graphs", "train", STVIT_DEIT_S, DEIT_S, 1.8, ">= 1.8x", True, 90,
+         "training step (fwd + bwd + AdamW) STViT-DeiT-S(16) vs DeiT-S, torch.compile reduce-overhead (CUDA graphs)",
+         compile_mode="reduce-overhead"),
+    Pair("latency_deit_s", "latency", STVIT_DEIT_S, DEIT_S, 1.0, "p50 ratio >= 1.0", True, 35,
          "batch-1 latency, torch.compile reduce-overhead (CUDA graphs)"),
     Pair("onnx_deit_s", "onnx", STVIT_DEIT_S, DEIT_S, None, "none (reported)", False, 60,
          "ONNX Runtime CUDA EP (fp32), STViT-DeiT-S(16) vs DeiT-S"),
@@ -242,6 +255,8 @@ def _model_kwargs(pair: Pair, name: str, settings: Settings) -> Dict[str, Any]:
     if settings.quick:
         kwargs.update(QUICK_SWIN_KWARGS if swin else QUICK_STVIT_DEIT_KWARGS if name.startswith("stvit") else
                       QUICK_DEIT_KWARGS)
+    if pair.base_patch_projection and name == pair.base:
+        kwargs["patch_projection"] = True  # _build_model swaps the projection after timm built the model
     if swin and name.startswith("swin_"):
         # timm's WindowAttention is 'experimental' fused (off unless TIMM_FUSED_ATTN=2): _build_model turns it on
         kwargs["fused_attn"] = True
@@ -256,14 +271,19 @@ def _build_model(name: str, kwargs: Dict[str, Any], device: Any) -> Any:
     import timm
     from timm.models.swin_transformer import WindowAttention
 
+    from stvit_core.layers import use_patch_projection
+
     kwargs = dict(kwargs)
     fused = kwargs.pop("fused_attn", False)
+    patch_projection = kwargs.pop("patch_projection", False)
     with device:  # built on the device: no host-side init of large models
         model = timm.create_model(name, **kwargs)
     if fused:
         for module in model.modules():  # timm's constructor takes no such argument: set it on each attention
             if isinstance(module, WindowAttention):
                 module.fused_attn = True
+    if patch_projection and use_patch_projection(model.patch_embed) is None:
+        raise ValueError(f"{name}: its patch embedding is not a plain patchifying convolution")
     return model
 
 
@@ -282,19 +302,31 @@ def _compile(model: Any, settings: Settings, mode: Optional[str]) -> Any:
     return torch.compile(model, backend=settings.compile_backend)  # other backends take no inductor mode
 
 
+def _compile_mode(pair: Pair, settings: Settings) -> Optional[str]:
+    """The inductor mode of a compiled pair (``None``: inductor's default, or another backend, which has none)."""
+    if not pair.compile or settings.compile_backend != "inductor":
+        return None
+    return pair.compile_mode or ("reduce-overhead" if pair.kind == "latency" else None)
+
+
 def _make_step(pair: Pair, model: Any, x: Any, settings: Settings) -> Callable[[], Any]:
     import torch
 
     device = x.device
+    mode = _compile_mode(pair, settings)
+    graphs = mode == "reduce-overhead" and device.type == "cuda"
     if pair.kind == "train":
         model.train()
+        runner = _compile(model, settings, mode) if pair.compile else model
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         target = torch.randint(0, model.num_classes, (x.shape[0],), device=device)
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def train_step() -> Any:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(settings, device):
-                loss = loss_fn(model(x).float(), target)
+                loss = loss_fn(runner(x).float(), target)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -303,10 +335,7 @@ def _make_step(pair: Pair, model: Any, x: Any, settings: Settings) -> Callable[[
         return train_step
 
     model.eval()
-    runner = model
-    if pair.compile:
-        runner = _compile(model, settings, "reduce-overhead" if pair.kind == "latency" else None)
-    graphs = pair.kind == "latency" and device.type == "cuda" and settings.compile_backend == "inductor"
+    runner = _compile(model, settings, mode) if pair.compile else model
 
     def step() -> Any:
         if graphs:
@@ -502,7 +531,7 @@ def run_pair(pair: Pair, settings: Settings) -> Dict[str, Any]:
     if pair.compile:  # what torch.compile was asked for (another --compile-backend takes no inductor mode)
         inductor = settings.compile_backend == "inductor"
         result["compile"] = {"backend": settings.compile_backend,
-                             "mode": ("reduce-overhead" if pair.kind == "latency" else "default") if inductor else None}
+                             "mode": (_compile_mode(pair, settings) or "default") if inductor else None}
     result["status"] = "ok"
     result["met"] = None if pair.target is None else bool(result["speedup"] >= pair.target)
     if settings.profile == "all" or (settings.profile == "misses" and result["met"] is False):
@@ -642,7 +671,7 @@ def _check_output_dir(path: Path) -> None:
 def plan(args: argparse.Namespace, settings: Settings) -> List[Pair]:
     selected = [p for p in PAIRS if args.only is None or p.name in args.only]
     total = sum(p.estimate_s for p in selected)
-    print(f"gpu_suite: {len(selected)} pair(s); estimated {total:.0f} s on one H100 at the default settings "
+    print(f"gpu_suite: {len(selected)} pair(s); estimated {total:.0f} s on one H200 at the default settings "
           f"(budget {args.time_budget:.0f} s)", flush=True)
     for p in selected:
         print(f"  {p.name:<16} ~{p.estimate_s:>4.0f} s  {p.label}", flush=True)
