@@ -175,7 +175,9 @@ HELD_OUT_PER_CLASS = 5  # 10 classes x 5 = 50 images the fine-tune never saw (ne
 
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
-    """A tiny STViT-DeiT (16 tokens) trained briefly on the 2000 training images, and 50 held-out images."""
+    """A tiny STViT-DeiT (16 tokens) trained for 8 epochs on the 2000 training images (34/50 held-out images right
+    with these settings; 4 epochs at lr 3e-3 gave 25-32, too close to the "most of them" line), and 50 held-out
+    images."""
     import shutil
 
     from stvit_core.train import resolve_config, train
@@ -194,8 +196,8 @@ def finetuned(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = resolve_config(overrides=dict(data=str(data), output=str(root / "run"), epochs=4, batch_size=32,
-                                            workers=0, lr=3e-3, warmup_epochs=0.5, scale_min=0.9, drop_path=0.0,
+        cfg = resolve_config(overrides=dict(data=str(data), output=str(root / "run"), epochs=8, batch_size=32,
+                                            workers=0, lr=2e-3, warmup_epochs=0.5, scale_min=0.5, drop_path=0.0,
                                             smoothing=0.0, quiet=True))
         train(cfg, tiny_stvit(tokens=16))
     finally:
