@@ -126,41 +126,33 @@ def _count(fn: Callable[[], object]) -> float:
 
 
 def part_calls(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, List[Callable[[], object]]]:
-    """One zero-argument call per block of stage 3 (on its real input), grouped by unit position."""
+    """One zero-argument call per block of stage 3 (on its real input), grouped by unit position.
+
+    The inputs are captured with forward pre-hooks during one forward of the stage, so every part is called
+    exactly as the model calls it (whatever its arguments: pooled tokens, index buffers, masks).
+    """
     stage = model.model.layers[2]
     calls: Dict[str, List[Callable[[], object]]] = {p: [] for p in UNIT_PARTS}
-    h = _stage3_input(model, x)
-    with torch.inference_mode():
-        if hasattr(stage, "units"):
-            for unit in stage.units:
-                s = unit.generator(unit.image_blocks(h))
-                s2 = unit.semantic_blocks(s)
-                calls[UNIT_PARTS[0]].append(lambda u=unit, h=h: u.image_blocks(h))
-                hh = unit.image_blocks(h)
-                calls[UNIT_PARTS[1]].append(lambda u=unit, hh=hh: u.generator.layers[0](*_gen0_args(u, hh)))
-                s1 = unit.generator.layers[0](*_gen0_args(unit, hh))
-                calls[UNIT_PARTS[2]].append(lambda u=unit, s1=s1, hh=hh: u.generator.layers[1](
-                    s1, torch.cat([s1, hh.flatten(1, 2)], 1)))
-                calls[UNIT_PARTS[3]].append(lambda u=unit, s=s: u.semantic_blocks[0](s))
-                s3 = unit.semantic_blocks[0](s)
-                calls[UNIT_PARTS[4]].append(lambda u=unit, s3=s3: u.semantic_blocks[1](s3))
-                calls[UNIT_PARTS[5]].append(lambda u=unit, hh=hh, s2=s2: u.recovery(hh, s2))
-                h = unit(h)
-        else:
-            for j, block in enumerate(stage.blocks):
-                calls[UNIT_PARTS[j % 6]].append(lambda b=block, h=h: b(h))
-                h = block(h)
+    if hasattr(stage, "units"):
+        parts = [(unit_part, module) for unit in stage.units for unit_part, module in zip(UNIT_PARTS, (
+            unit.image_blocks, unit.generator.layers[0], unit.generator.layers[1], unit.semantic_blocks[0],
+            unit.semantic_blocks[1], unit.recovery))]
+    else:
+        parts = [(UNIT_PARTS[j % 6], block) for j, block in enumerate(stage.blocks)]
+
+    def capture(module: torch.nn.Module, args: tuple, kwargs: dict, part: str) -> None:
+        calls[part].append(lambda: module(*args, **kwargs))
+
+    hooks = [module.register_forward_pre_hook(partial(capture, part=part), with_kwargs=True)
+             for part, module in parts]
+    try:
+        with torch.inference_mode():  # the blocks after the stage's patch merging, as ops() runs them
+            h = _stage3_input(model, x)
+            stage.units(h) if hasattr(stage, "units") else stage.blocks(h)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return calls
-
-
-def _gen0_args(unit: torch.nn.Module, x: torch.Tensor):
-    """The local generator layer's inputs: pooled tokens, concat(pooled, image tokens), gather index."""
-    from stvit_core.layers import pool_windows
-
-    gen = unit.generator
-    B, H, W, C = x.shape
-    pooled = pool_windows(x, gen.window_size, gen.side, gen.pool)
-    return pooled, torch.cat([pooled, x.reshape(B, H * W, C)], 1), gen.context_index((H, W), x.device)
 
 
 def parts(size: Tuple[int, int], batch_size: int, reps: int) -> None:

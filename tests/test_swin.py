@@ -340,3 +340,23 @@ def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
     assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)", "| STViT-R-Swin-S (conv stem)",
                                                  "| STViT-R-Swin-S (patch stem)", "| STViT-R-Swin-S (detection layout)"]
     assert all(re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \|$", r) for r in rows), rows
+
+
+@pytest.mark.slow
+def test_backbone_parts_script_times_every_part_of_the_unit():
+    """``swin_backbone_speed.py parts`` captures each part's real inputs (hooks on the model's own modules), so it
+    keeps working when the parts' arguments change: a row per unit part, GMACs of both models, and the stages."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "parts", "--size", "61", "93",
+                           "--batch-size", "1", "--rounds", "1"],
+                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for part in ("Swin block", "generator layer 1", "generator layer 2", "semantic (window)", "semantic (all)",
+                 "recovery", "**stage 3**"):
+        assert re.search(r"\| [\d.]+ \| \d+\.\d{3} \| [\d.]+ \| \d+\.\d{3} \| \d+\.\d\dx \| \d+\.\d\dx \|$", rows[part])
+    assert proc.stdout.count(", whole ") == 4  # per-stage times of every backbone
