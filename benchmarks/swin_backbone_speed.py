@@ -6,6 +6,7 @@
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py parts --size 224 224 --batch-size 8
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py ops --size 224 224 --batch-size 8
     OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py faults --size 800 1333 --batch-size 1 --rounds 2
 
 All models are ``features_only`` backbones (four NCHW maps), fp32, inference mode, random weights; timm's
 Swin runs its window attention through ``scaled_dot_product_attention`` (``fused_attn``, what
@@ -13,7 +14,7 @@ Swin runs its window attention through ``scaled_dot_product_attention`` (``fused
 (stvit_core.benchmark). ``parts`` times every part of stage 3 on its own captured input (summed over the
 units; timm's blocks grouped by the unit position they correspond to) next to its share of the FLOPs.
 ``ops`` profiles stage 3 of both models with torch.profiler and prints the top operators; ``part-ops`` does so
-for every part of STViT-R-Swin-S's stage 3.
+for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage.
 """
 
 from __future__ import annotations
@@ -227,9 +228,50 @@ def part_ops(size: Tuple[int, int], batch_size: int, rows: int) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
+    """Minor page faults and seconds per forward, per stage: the cost of touching freshly mapped memory.
+
+    glibc serves allocations above its mmap threshold (at most 32 MB) with fresh pages, faulted in on first touch
+    and returned on free, on every forward; ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep them.
+    """
+    import resource
+
+    def minor_faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    x = torch.randn(batch_size, 3, *size)
+    for name, model in backbones(size).items():
+        inner = model.model
+        stats: Dict[str, List[float]] = {}
+
+        def before(module: torch.nn.Module, args: tuple, key: str) -> None:
+            module._probe = (minor_faults(), time.perf_counter())
+
+        def after(module: torch.nn.Module, args: tuple, out: object, key: str) -> None:
+            f, t = module._probe
+            stats.setdefault(key, [0, 0.0])
+            stats[key][0] += minor_faults() - f
+            stats[key][1] += time.perf_counter() - t
+
+        parts = [("stem", inner.patch_embed)] + [(f"stage {i + 1}", stage) for i, stage in enumerate(inner.layers)]
+        hooks = [h for key, m in parts for h in (m.register_forward_pre_hook(partial(before, key=key)),
+                                                 m.register_forward_hook(partial(after, key=key)))]
+        with torch.inference_mode():
+            model(x)  # warm-up, not counted
+            stats.clear()
+            f0, t0 = minor_faults(), time.perf_counter()
+            for _ in range(reps):
+                model(x)
+            total, seconds = (minor_faults() - f0) / reps, (time.perf_counter() - t0) / reps
+        for h in hooks:
+            h.remove()
+        print(f"{name}: {total:.0f} page faults, {seconds:.2f} s per forward; " + ", ".join(
+            f"{key} {v[0] / reps:.0f} / {v[1] / reps:.2f} s" for key, v in stats.items()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("throughput", "parts", "ops", "part-ops"))
+    p.add_argument("what", choices=("throughput", "parts", "ops", "part-ops", "faults"))
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
@@ -245,6 +287,8 @@ def main() -> None:
         parts(size, args.batch_size, args.rounds)
     elif args.what == "ops":
         ops(size, args.batch_size, 25)
+    elif args.what == "faults":
+        faults(size, args.batch_size, args.rounds)
     else:
         part_ops(size, args.batch_size, 12)
 

@@ -360,3 +360,25 @@ def test_backbone_parts_script_times_every_part_of_the_unit():
                  "recovery", "**stage 3**"):
         assert re.search(r"\| [\d.]+ \| \d+\.\d{3} \| [\d.]+ \| \d+\.\d{3} \| \d+\.\d\dx \| \d+\.\d\dx \|$", rows[part])
     assert proc.stdout.count(", whole ") == 4  # per-stage times of every backbone
+
+
+@pytest.mark.slow
+def test_backbone_faults_script_counts_page_faults_per_stage():
+    """``swin_backbone_speed.py faults`` (docs/dense-tasks.md's page-fault table): one line per backbone with the
+    faults and seconds of a forward, and of its stem and four stages."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "faults", "--size", "61", "93",
+                           "--batch-size", "1", "--rounds", "1"],
+                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "page faults" in line]
+    assert [line.split(":")[0] for line in lines] == ["timm Swin-S (SDPA)", "STViT-R-Swin-S (conv stem)",
+                                                     "STViT-R-Swin-S (patch stem)", "STViT-R-Swin-S (detection layout)"]
+    part = r"\d+ / \d+\.\d\d s"
+    pattern = (rf": \d+ page faults, \d+\.\d\d s per forward; stem {part}, stage 1 {part}, stage 2 {part}, "
+               rf"stage 3 {part}, stage 4 {part}$")
+    assert all(re.search(pattern, line) for line in lines), lines
