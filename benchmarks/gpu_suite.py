@@ -287,21 +287,6 @@ def _build_model(name: str, kwargs: Dict[str, Any], device: Any) -> Any:
     return model
 
 
-def _autocast(settings: Settings, device: Any) -> Any:
-    from stvit_core.device import autocast
-
-    # parse_args allows bf16/fp16 with --device cuda only, where this is torch.autocast
-    return autocast(device, None if settings.dtype == "fp32" else settings.dtype)
-
-
-def _compile(model: Any, settings: Settings, mode: Optional[str]) -> Any:
-    import torch
-
-    if settings.compile_backend == "inductor":
-        return torch.compile(model, mode=mode)
-    return torch.compile(model, backend=settings.compile_backend)  # other backends take no inductor mode
-
-
 def _compile_mode(pair: Pair, settings: Settings) -> Optional[str]:
     """The inductor mode of a compiled pair (``None``: inductor's default, or another backend, which has none)."""
     if not pair.compile or settings.compile_backend != "inductor":
@@ -312,38 +297,12 @@ def _compile_mode(pair: Pair, settings: Settings) -> Optional[str]:
 def _make_step(pair: Pair, model: Any, x: Any, settings: Settings) -> Callable[[], Any]:
     import torch
 
-    device = x.device
-    mode = _compile_mode(pair, settings)
-    graphs = mode == "reduce-overhead" and device.type == "cuda"
-    if pair.kind == "train":
-        model.train()
-        runner = _compile(model, settings, mode) if pair.compile else model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-        target = torch.randint(0, model.num_classes, (x.shape[0],), device=device)
-        loss_fn = torch.nn.CrossEntropyLoss()
+    from stvit_core.benchmark import make_step
 
-        def train_step() -> Any:
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(settings, device):
-                loss = loss_fn(runner(x).float(), target)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        return train_step
-
-    model.eval()
-    runner = _compile(model, settings, mode) if pair.compile else model
-
-    def step() -> Any:
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        with torch.inference_mode(), _autocast(settings, device):
-            return runner(x)
-
-    return step
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[settings.dtype]
+    return make_step(model, x, train=pair.kind == "train", dtype=dtype, compile=pair.compile,
+                     compile_mode=_compile_mode(pair, settings), compile_backend=settings.compile_backend,
+                     fused_optimizer=x.device.type == "cuda")
 
 
 def _timed_steps(step: Callable[[], Any], count: int, device: Any) -> float:

@@ -29,7 +29,7 @@ from .errors import DownloadError, InvalidArgumentError
 from .flops import count_flops, count_params
 
 __all__ = ["RUNTIMES", "BenchmarkSettings", "benchmark_batch_sizes", "benchmark_models", "benchmark_pair",
-           "check_settings", "models_for_benchmark", "plot_batch_sizes", "step_factories"]
+           "check_settings", "make_step", "models_for_benchmark", "plot_batch_sizes", "step_factories"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUNTIMES = ("torch", "onnxruntime")
@@ -95,33 +95,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_step(model: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Callable[[], Any]:
+def make_step(model: nn.Module, x: torch.Tensor, *, train: bool = False, dtype: torch.dtype = torch.float32,
+              compile: bool = False, compile_mode: Optional[str] = None, compile_backend: str = "inductor",
+              fused_optimizer: bool = False) -> Callable[[], Any]:
+    """The step to time on batch ``x``: an inference forward, or (``train``) forward + backward + AdamW.
+
+    ``dtype`` other than float32 autocasts (on the CPU too: not stvit_core.device.autocast, a no-op off CUDA).
+    ``compile`` wraps the model in ``torch.compile`` with inductor's ``compile_mode`` or another
+    ``compile_backend`` (which takes no mode); with ``compile_mode='reduce-overhead'`` on CUDA each step marks a
+    new CUDA-graph iteration. Shared by :func:`benchmark_models` and benchmarks/gpu_suite.py.
+    """
     device = x.device
-    dtype = DTYPES[settings.dtype]
-    # not stvit_core.device.autocast (a no-op off CUDA): --dtype bfloat16 also autocasts on CPU here
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    )
+    autocast = torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     runner: nn.Module = model
-    if settings.compile or settings.cuda_graphs:
-        mode = "reduce-overhead" if settings.cuda_graphs else None
-        runner = torch.compile(model, mode=mode)
-    if settings.bench == "inference":
+    if compile:
+        inductor = compile_backend == "inductor"
+        runner = torch.compile(model, mode=compile_mode) if inductor else torch.compile(model, backend=compile_backend)
+    graphs = compile and compile_backend == "inductor" and compile_mode == "reduce-overhead" and device.type == "cuda"
+    if not train:
         model.eval()
 
         def step() -> Any:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.inference_mode(), autocast:
                 return runner(x)
 
         return step
 
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_optimizer or None)
     num_classes = getattr(model, "num_classes", 1000) or 1000
     target = torch.randint(0, num_classes, (x.shape[0],), device=device)
     loss_fn = nn.CrossEntropyLoss()
 
     def train_step() -> Any:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = loss_fn(runner(x).float(), target)
         loss.backward()
@@ -130,6 +140,12 @@ def _make_step(model: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -
         return loss
 
     return train_step
+
+
+def _make_step(model: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -> Callable[[], Any]:
+    return make_step(model, x, train=settings.bench == "train", dtype=DTYPES[settings.dtype],
+                     compile=settings.compile or settings.cuda_graphs,
+                     compile_mode="reduce-overhead" if settings.cuda_graphs else None)
 
 
 def _timer(step: Callable[[], Any]) -> Any:
