@@ -243,12 +243,13 @@ def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
     for name, model in backbones(size).items():
         inner = model.model
         stats: Dict[str, List[float]] = {}
+        started: Dict[str, Tuple[int, float]] = {}
 
         def before(module: torch.nn.Module, args: tuple, key: str) -> None:
-            module._probe = (minor_faults(), time.perf_counter())
+            started[key] = (minor_faults(), time.perf_counter())
 
         def after(module: torch.nn.Module, args: tuple, out: object, key: str) -> None:
-            f, t = module._probe
+            f, t = started[key]
             stats.setdefault(key, [0, 0.0])
             stats[key][0] += minor_faults() - f
             stats[key][1] += time.perf_counter() - t

@@ -33,9 +33,14 @@ class PatchProjection(nn.Conv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if (self.kernel_size != self.stride or any(self.padding) or self.dilation != (1, 1) or self.groups != 1
-                or self.padding_mode != "zeros"):
+        if not self.patchifies(self):
             raise ValueError("PatchProjection needs kernel_size == stride, no padding, dilation 1 and groups 1")
+
+    @staticmethod
+    def patchifies(conv: nn.Conv2d) -> bool:
+        """Whether ``conv`` cuts its input into non-overlapping patches (what the GEMM computes)."""
+        return (conv.kernel_size == conv.stride and not any(conv.padding) and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.padding_mode == "zeros")
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "PatchProjection":
@@ -71,8 +76,7 @@ def use_patch_projection(patch_embed: nn.Module) -> Optional[PatchProjection]:
     patches), which is then left as it is.
     """
     conv = getattr(patch_embed, "proj", None)
-    if type(conv) is not nn.Conv2d or conv.kernel_size != conv.stride or any(conv.padding) \
-            or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros":
+    if type(conv) is not nn.Conv2d or not PatchProjection.patchifies(conv):
         return None
     patch_embed.proj = PatchProjection.from_conv(conv)
     return patch_embed.proj
