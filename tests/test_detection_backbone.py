@@ -78,6 +78,34 @@ def test_converted_coco_backbone_reproduces_the_official_detection_backbone(coco
             assert max_diff(static.forward_intermediates(x, intermediates_only=True), case["features"]) <= TOLERANCE
 
 
+def test_neighbourhood_gathers_in_pieces_give_the_official_maps(coco_ckpt, coco_expected, monkeypatch):
+    """Eager mode gathers large neighbourhoods a piece of windows at a time (CrossAttention.gather_chunk_bytes);
+    with pieces of one window, of a few, and in one gather, the maps are the official ones and identical."""
+    model = convert("swin_small", checkpoint=coco_ckpt).eval()
+    case = coco_expected["cases"][1]  # stage-3 map padded at the bottom and right: masks in every piece
+    x = inputs(case, coco_expected)
+    maps = {}
+    pieces = []
+    for chunk_bytes in (1, 600_000, 2**40):  # 600 kB: a few windows of this width (64 floats a key-value pair)
+        monkeypatch.setattr(stvit_core.layers.CrossAttention, "gather_chunk_bytes", chunk_bytes)
+        gathers = []
+        original = torch.Tensor.index_select
+
+        def counting(self, dim, index, _original=original, _gathers=gathers):
+            _gathers.append(index.numel())
+            return _original(self, dim, index)
+
+        monkeypatch.setattr(torch.Tensor, "index_select", counting)
+        with torch.no_grad():
+            maps[chunk_bytes] = model.forward_intermediates(x, intermediates_only=True)
+        monkeypatch.setattr(torch.Tensor, "index_select", original)
+        pieces.append(len(gathers))
+        assert max_diff(maps[chunk_bytes], case["features"]) <= TOLERANCE
+    assert all(torch.equal(a, b) for a, b in zip(maps[1], maps[2**40]))
+    assert all(torch.equal(a, b) for a, b in zip(maps[600_000], maps[2**40]))
+    assert pieces[0] > pieces[1] > pieces[2]  # one gather per window, per few windows, per layer
+
+
 def test_the_release_masking_matters(coco_ckpt, coco_expected):
     """Without the release's padding masks the maps move away from the official ones where the stage-3 map is
     padded (the static model's mask buffers are dropped)."""
@@ -231,3 +259,20 @@ def test_feature_maps_keep_their_size_relation():
             maps = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
             assert [tuple(m.shape[-2:]) for m in maps] == [
                 (math.ceil(size[0] / s), math.ceil(size[1] / s)) for s in (4, 8, 16, 32)]
+
+
+def test_traced_graphs_keep_one_gather_per_layer(monkeypatch):
+    """torch.export (like FX and torch.compile) captures one neighbourhood gather per layer whatever
+    gather_chunk_bytes says: splitting is for eager mode, where glibc would map fresh pages for a large one."""
+    model = timm.create_model("stvit_r_swin_small_patch4_window7_224", layout="detection", features_only=True,
+                              img_size=(96, 160), **TINY_S).eval()
+    x = torch.randn(2, 3, 96, 160)
+
+    def gathers(chunk_bytes: int) -> int:
+        monkeypatch.setattr(stvit_core.layers.CrossAttention, "gather_chunk_bytes", chunk_bytes)
+        program = torch.export.export(model, (x,))
+        with torch.no_grad():
+            assert max_diff(program.module()(x), model(x)) <= 1e-5
+        return sum(node.target == torch.ops.aten.index_select.default for node in program.graph.nodes)
+
+    assert gathers(1) == gathers(2**40) > 0

@@ -266,6 +266,14 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
+    #: Largest neighbourhood gather (bytes) that eager mode does in one piece; larger ones run group by group in
+    #: pieces of about this size. At detection sizes one gather is hundreds of MB (215 MB per recovery layer of
+    #: STViT-R-Swin-S at 800x1333): above glibc's mmap threshold (32 MB at most), so every call maps and faults in
+    #: fresh pages (137 ms for that gather against 20 ms into reused memory). Pieces this size come from the
+    #: heap and stay in cache for the attention that reads them. Traced graphs (FX, torch.compile, torch.export,
+    #: ONNX) keep one gather: their compilers plan the memory. Results are the same either way.
+    gather_chunk_bytes: int = 8 * 2**20
+
     def forward(
         self,
         x: torch.Tensor,
@@ -282,14 +290,30 @@ class CrossAttention(nn.Module):
         ``attn_mask`` ``(G, K)`` (keyword only; boolean, True = attend) masks keys per group, the same for
         every query of the group and every sample (``(1, Nk)`` without ``context_index``).
         """
-        B, Nq, C = x.shape
         q = self.q(x)
         kv = self.kv(context)
         if context_index is None:
-            groups, k_len = 1, context.shape[1]
+            x = self._attend(q, kv, 1, attn_mask)
         else:
-            groups, k_len = context_index.shape[0], context_index.shape[1]
-            kv = kv.index_select(1, context_index.reshape(-1))
+            groups = context_index.shape[0]
+            step = None if _tracing(context_index) else _groups_per_piece(kv, context_index, self.gather_chunk_bytes)
+            if step is None or step >= groups:
+                x = self._attend(q, kv.index_select(1, context_index.reshape(-1)), groups, attn_mask)
+            else:  # a piece of groups at a time (see gather_chunk_bytes)
+                per_group = q.shape[1] // groups
+                x = torch.cat([
+                    self._attend(q[:, g * per_group:(g + step) * per_group],
+                                 kv.index_select(1, context_index[g:g + step].reshape(-1)),
+                                 min(step, groups - g), None if attn_mask is None else attn_mask[g:g + step])
+                    for g in range(0, groups, step)], dim=1)
+        return self.proj_drop(self.proj(x))
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, groups: int, attn_mask: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+        """Attention of the projected queries ``(B, Nq, C)`` to the projected keys/values ``(B, groups * K, 2C)``
+        (group ``g``'s queries to the ``g``-th ``K`` keys); returns ``(B, Nq, C)`` before the output projection."""
+        B, Nq, C = q.shape
+        k_len = kv.shape[1] // groups
         q = q.reshape(B * groups, Nq // groups, self.num_heads, self.head_dim).transpose(1, 2)
         kv = kv.reshape(B * groups, k_len, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -303,8 +327,18 @@ class CrossAttention(nn.Module):
             if attn_mask is not None:
                 attn = attn.masked_fill(~attn_mask, float("-inf"))
             x = self.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B, Nq, C)
-        return self.proj_drop(self.proj(x))
+        return x.transpose(1, 2).reshape(B, Nq, C)
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Whether a graph is being captured (FX, TorchScript tracing, dynamo / torch.export) rather than run."""
+    return (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or torch.compiler.is_compiling())
+
+
+def _groups_per_piece(kv: torch.Tensor, context_index: torch.Tensor, piece_bytes: int) -> int:
+    group_bytes = kv.shape[0] * context_index.shape[1] * kv.shape[2] * kv.element_size()
+    return max(1, piece_bytes // group_bytes)
 
 
 def self_to_cross_attention_keys(prefix: str, name: str, value: torch.Tensor) -> Dict[str, torch.Tensor]:
