@@ -7,6 +7,7 @@
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py ops --size 224 224 --batch-size 8
     OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py faults --size 800 1333 --batch-size 1 --rounds 2
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py pieces --size 800 1333 --batch-size 1 --rounds 7
 
 All models are ``features_only`` backbones (four NCHW maps), fp32, inference mode, random weights; timm's
 Swin runs its window attention through ``scaled_dot_product_attention`` (``fused_attn``, what
@@ -14,12 +15,14 @@ Swin runs its window attention through ``scaled_dot_product_attention`` (``fused
 (stvit_core.benchmark). ``parts`` times every part of stage 3 on its own captured input (summed over the
 units; timm's blocks grouped by the unit position they correspond to) next to its share of the FLOPs.
 ``ops`` profiles stage 3 of both models with torch.profiler and prints the top operators; ``part-ops`` does so
-for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage.
+for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage. ``pieces`` times the detection layout with one
+neighbourhood gather per layer against its eager default (gathers in pieces), with page faults per forward.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from functools import partial
@@ -33,6 +36,7 @@ from timm.models.swin_transformer import WindowAttention
 import stvit_core  # noqa: F401  (registers the models)
 from stvit_core.benchmark import BenchmarkSettings, benchmark_models
 from stvit_core.flops import count_flops
+from stvit_core.layers import CrossAttention
 
 UNIT_PARTS = ("Swin block", "generator layer 1", "generator layer 2", "semantic (window)", "semantic (all)",
               "recovery")
@@ -76,25 +80,62 @@ def cpu_time_rounds(models: Dict[str, torch.nn.Module], shape: Tuple[int, ...], 
     return {n: {"img_per_sec": statistics.median(v), "img_per_sec_rounds": v} for n, v in samples.items()}
 
 
-def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
-    models = backbones(size)
+def _rates(models: Dict[str, torch.nn.Module], size: Tuple[int, int], batch_size: int, rounds: int, warmup: int,
+           cpu_time: bool) -> Dict[str, dict]:
     if cpu_time:
         if torch.get_num_threads() != 1:
             raise SystemExit("Error: --cpu-time needs one thread (OMP_NUM_THREADS=1)")
-        results = cpu_time_rounds(models, (3, *size), batch_size, rounds, warmup)
-    else:
-        settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, warmup=warmup, min_round_time=2.0)
-        results = benchmark_models(models, (3, *size), settings)
+        return cpu_time_rounds(models, (3, *size), batch_size, rounds, warmup)
+    settings = BenchmarkSettings(batch_size=batch_size, rounds=rounds, warmup=warmup, min_round_time=2.0)
+    return benchmark_models(models, (3, *size), settings)
+
+
+def _faults_per_forward(model: torch.nn.Module, x: torch.Tensor) -> int:
+    import resource
+
+    with torch.inference_mode():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        model(x)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _print_table(models: Dict[str, torch.nn.Module], results: Dict[str, dict], size: Tuple[int, int],
+                 batch_size: int, with_faults: bool = False) -> None:
     base = "timm Swin-S (SDPA)"
+    x = torch.randn(batch_size, 3, *size)
+    extra = " page faults per forward |" if with_faults else ""
     print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | GMACs | "
-          "img/s (median) | rounds | speedup | FLOPs ratio |")
-    print("|---|---|---|---|---|---|")
+          f"img/s (median) | rounds | speedup | FLOPs ratio |{extra}")
+    print("|---|---|---|---|---|---|" + ("---|" if with_faults else ""))
     base_flops = count_flops(models[base], (3, *size))
     for name, r in results.items():
         flops = count_flops(models[name], (3, *size))
         rounds_text = " / ".join(f"{v:.3g}" for v in r["img_per_sec_rounds"])
+        faults_text = f" {_faults_per_forward(models[name], x)} |" if with_faults else ""
         print(f"| {name} | {flops:.2f} | {r['img_per_sec']:.3g} | {rounds_text} | "
-              f"{r['img_per_sec'] / results[base]['img_per_sec']:.2f}x | {base_flops / flops:.2f}x |")
+              f"{r['img_per_sec'] / results[base]['img_per_sec']:.2f}x | {base_flops / flops:.2f}x |{faults_text}")
+
+
+def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
+    models = backbones(size)
+    _print_table(models, _rates(models, size, batch_size, rounds, warmup, cpu_time), size, batch_size)
+
+
+def pieces(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
+    """The detection layout with one neighbourhood gather per layer and with its gathers in pieces (eager mode's
+    ``CrossAttention.gather_chunk_bytes``), against timm's Swin-S: alternating rounds, then the page faults of
+    one forward each. Same weights; the outputs are identical."""
+    all_models = backbones(size)
+    split = all_models["STViT-R-Swin-S (detection layout)"]
+    whole = copy.deepcopy(split)
+    for module in whole.modules():
+        if isinstance(module, CrossAttention):
+            module.gather_chunk_bytes = 2**62  # never split
+    models = {"timm Swin-S (SDPA)": all_models["timm Swin-S (SDPA)"],
+              "STViT-R-Swin-S (detection layout), one gather per layer": whole,
+              "STViT-R-Swin-S (detection layout), gathers in pieces": split}
+    _print_table(models, _rates(models, size, batch_size, rounds, warmup, cpu_time), size, batch_size,
+                 with_faults=True)
 
 
 @torch.inference_mode()
@@ -272,18 +313,20 @@ def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("throughput", "parts", "ops", "part-ops", "faults"))
+    p.add_argument("what", choices=("throughput", "pieces", "parts", "ops", "part-ops", "faults"))
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
     p.add_argument("--cpu-time", action="store_true",
-                   help="throughput: time process CPU time (one thread), for ratios on a busy machine")
+                   help="throughput, pieces: time process CPU time (one thread), for ratios on a busy machine")
     args = p.parse_args()
     size = tuple(args.size)
     torch.manual_seed(0)
     if args.what == "throughput":
         throughput(size, args.batch_size, args.rounds, args.warmup, args.cpu_time)
+    elif args.what == "pieces":
+        pieces(size, args.batch_size, args.rounds, args.warmup, args.cpu_time)
     elif args.what == "parts":
         parts(size, args.batch_size, args.rounds)
     elif args.what == "ops":

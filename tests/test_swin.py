@@ -382,3 +382,25 @@ def test_backbone_faults_script_counts_page_faults_per_stage():
     pattern = (rf": \d+ page faults, \d+\.\d\d s per forward; stem {part}, stage 1 {part}, stage 2 {part}, "
                rf"stage 3 {part}, stage 4 {part}$")
     assert all(re.search(pattern, line) for line in lines), lines
+
+
+@pytest.mark.slow
+def test_backbone_pieces_script_compares_the_detection_layouts_gathers():
+    """``swin_backbone_speed.py pieces`` (docs/dense-tasks.md's gathers-in-pieces figures): timm's Swin-S and the
+    detection layout with one gather per layer and in pieces, speedups, FLOPs ratios (equal: same model) and the
+    page faults of a forward."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "pieces", "--size", "61", "93",
+                           "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--cpu-time"],
+                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
+    assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)",
+                                                 "| STViT-R-Swin-S (detection layout), one gather per layer",
+                                                 "| STViT-R-Swin-S (detection layout), gathers in pieces"]
+    assert all(re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \| \d+ \|$", r) for r in rows), rows
+    assert rows[1].split(" | ")[1] == rows[2].split(" | ")[1]  # the same GMACs: only the gathers differ
