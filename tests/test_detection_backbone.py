@@ -79,31 +79,35 @@ def test_converted_coco_backbone_reproduces_the_official_detection_backbone(coco
 
 
 def test_neighbourhood_gathers_in_pieces_give_the_official_maps(coco_ckpt, coco_expected, monkeypatch):
-    """Eager mode gathers large neighbourhoods a piece of windows at a time (CrossAttention.gather_chunk_bytes);
-    with pieces of one window, of a few, and in one gather, the maps are the official ones and identical."""
+    """CPU inference gathers large neighbourhoods a piece of windows at a time (CrossAttention.gather_chunk_bytes);
+    with pieces of one window, of a few, and in one gather, the maps are the official ones and identical. With
+    gradients flowing it keeps one gather per layer (pieces would each scatter into a full-size gradient)."""
     model = convert("swin_small", checkpoint=coco_ckpt).eval()
     case = coco_expected["cases"][1]  # stage-3 map padded at the bottom and right: masks in every piece
     x = inputs(case, coco_expected)
-    maps = {}
-    pieces = []
-    for chunk_bytes in (1, 600_000, 2**40):  # 600 kB: a few windows of this width (64 floats a key-value pair)
+    original = torch.Tensor.index_select
+
+    def run(chunk_bytes: int, grad: bool):
         monkeypatch.setattr(stvit_core.layers.CrossAttention, "gather_chunk_bytes", chunk_bytes)
         gathers = []
-        original = torch.Tensor.index_select
 
-        def counting(self, dim, index, _original=original, _gathers=gathers):
-            _gathers.append(index.numel())
-            return _original(self, dim, index)
+        def counting(self, dim, index):
+            gathers.append(index.numel())
+            return original(self, dim, index)
 
         monkeypatch.setattr(torch.Tensor, "index_select", counting)
-        with torch.no_grad():
-            maps[chunk_bytes] = model.forward_intermediates(x, intermediates_only=True)
+        with torch.set_grad_enabled(grad):
+            maps = model.forward_intermediates(x, intermediates_only=True)
         monkeypatch.setattr(torch.Tensor, "index_select", original)
-        pieces.append(len(gathers))
-        assert max_diff(maps[chunk_bytes], case["features"]) <= TOLERANCE
-    assert all(torch.equal(a, b) for a, b in zip(maps[1], maps[2**40]))
-    assert all(torch.equal(a, b) for a, b in zip(maps[600_000], maps[2**40]))
-    assert pieces[0] > pieces[1] > pieces[2]  # one gather per window, per few windows, per layer
+        assert max_diff(maps, case["features"]) <= TOLERANCE
+        return [m.detach() for m in maps], len(gathers)
+
+    # 600 kB: a few windows at this width (64 floats a key-value pair, 729 slots in the recovery)
+    (one_window, n1), (few, n2), (whole, n3) = (run(c, grad=False) for c in (1, 600_000, 2**40))
+    assert all(torch.equal(a, b) for a, b in zip(one_window, whole))
+    assert all(torch.equal(a, b) for a, b in zip(few, whole))
+    assert n1 > n2 > n3  # one gather per window, per few windows, per layer
+    assert run(1, grad=True)[1] == n3  # (the maps are checked inside run)
 
 
 def test_the_release_masking_matters(coco_ckpt, coco_expected):

@@ -266,12 +266,14 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    #: Largest neighbourhood gather (bytes) that eager mode does in one piece; larger ones run group by group in
-    #: pieces of about this size. At detection sizes one gather is hundreds of MB (215 MB per recovery layer of
-    #: STViT-R-Swin-S at 800x1333): above glibc's mmap threshold (32 MB at most), so every call maps and faults in
-    #: fresh pages (137 ms for that gather against 20 ms into reused memory). Pieces this size come from the
-    #: heap and stay in cache for the attention that reads them. Traced graphs (FX, torch.compile, torch.export,
-    #: ONNX) keep one gather: their compilers plan the memory. Results are the same either way.
+    #: Largest neighbourhood gather (bytes) that eager CPU inference does in one piece; larger ones run a piece of
+    #: groups at a time, each about this size. At detection sizes one gather is hundreds of MB (215 MB per
+    #: recovery layer of STViT-R-Swin-S at 800x1333): above glibc's mmap threshold (32 MB at most), so every call
+    #: maps and faults in fresh pages (137 ms for that gather against 20 ms into reused memory). Pieces this size
+    #: come from the heap and stay in cache for the attention that reads them. One gather elsewhere: on GPUs
+    #: (the caching allocator reuses memory), when gradients flow (each piece's backward would scatter into a
+    #: full-size gradient), and in traced graphs (FX, torch.compile, torch.export, ONNX), whose compilers plan
+    #: memory themselves. Results are the same either way.
     gather_chunk_bytes: int = 8 * 2**20
 
     def forward(
@@ -296,7 +298,8 @@ class CrossAttention(nn.Module):
             x = self._attend(q, kv, 1, attn_mask)
         else:
             groups = context_index.shape[0]
-            step = None if _tracing(context_index) else _groups_per_piece(kv, context_index, self.gather_chunk_bytes)
+            step = (None if kv.device.type != "cpu" or kv.requires_grad or _tracing(context_index)
+                    else _groups_per_piece(kv, context_index, self.gather_chunk_bytes))
             if step is None or step >= groups:
                 x = self._attend(q, kv.index_select(1, context_index.reshape(-1)), groups, attn_mask)
             else:  # a piece of groups at a time (see gather_chunk_bytes)
