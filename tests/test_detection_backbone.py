@@ -280,3 +280,12 @@ def test_traced_graphs_keep_one_gather_per_layer(monkeypatch):
         return sum(node.target == torch.ops.aten.index_select.default for node in program.graph.nodes)
 
     assert gathers(1) == gathers(2**40) > 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_row_gather_equals_index_select_along_the_tokens(batch):
+    from stvit_core.layers.semantic import _gather_rows
+
+    kv = torch.randn(batch, 37, 12)
+    index = torch.randint(0, 37, (5, 11)).reshape(-1)
+    assert torch.equal(_gather_rows(kv, index), kv.index_select(1, index))
