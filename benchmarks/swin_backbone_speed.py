@@ -15,8 +15,9 @@ Swin runs its window attention through ``scaled_dot_product_attention`` (``fused
 (stvit_core.benchmark). ``parts`` times every part of stage 3 on its own captured input (summed over the
 units; timm's blocks grouped by the unit position they correspond to) next to its share of the FLOPs.
 ``ops`` profiles stage 3 of both models with torch.profiler and prints the top operators; ``part-ops`` does so
-for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage. ``pieces`` times the detection layout with one
-neighbourhood gather per layer against its eager default (gathers in pieces), with page faults per forward.
+for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage.
+``pieces`` times the detection layout with one neighbourhood gather per layer against its CPU-inference
+default (gathers in pieces), with page faults per forward.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int 
 
 
 def pieces(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
-    """The detection layout with one neighbourhood gather per layer and with its gathers in pieces (eager mode's
-    ``CrossAttention.gather_chunk_bytes``), against timm's Swin-S: alternating rounds, then the page faults of
+    """The detection layout with one neighbourhood gather per layer and with its gathers in pieces (CPU
+    inference's ``CrossAttention.gather_chunk_bytes``), against timm's Swin-S: alternating rounds, then the page faults of
     one forward each. Same weights; the outputs are identical."""
     all_models = backbones(size)
     split = all_models["STViT-R-Swin-S (detection layout)"]

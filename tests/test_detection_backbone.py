@@ -289,3 +289,17 @@ def test_row_gather_equals_index_select_along_the_tokens(batch):
     kv = torch.randn(batch, 37, 12)
     index = torch.randint(0, 37, (5, 11)).reshape(-1)
     assert torch.equal(_gather_rows(kv, index), kv.index_select(1, index))
+
+
+def test_detection_layout_traces_with_fx():
+    """timm's FX feature extraction traces the detection layout (one gather per layer in the graph) and the traced
+    module gives the eager output (eager CPU inference gathers in pieces)."""
+    from timm.models import create_feature_extractor, get_graph_node_names
+
+    model = timm.create_model("stvit_r_swin_small_patch4_window7_224", layout="detection", num_classes=0,
+                              img_size=(96, 160), **TINY_S).eval()
+    traced = create_feature_extractor(model, return_nodes=[get_graph_node_names(model)[1][-1]])
+    x = torch.randn(2, 3, 96, 160)
+    with torch.no_grad():
+        (out,) = traced(x).values()
+        assert max_diff([out], [model(x)]) <= 1e-5

@@ -298,7 +298,7 @@ class CrossAttention(nn.Module):
             x = self._attend(q, kv, 1, attn_mask)
         else:
             groups = context_index.shape[0]
-            if kv.device.type != "cpu" or kv.requires_grad or _tracing(context_index):
+            if _tracing(kv) or kv.device.type != "cpu" or kv.requires_grad:  # tracing first: FX proxies
                 x = self._attend(q, kv.index_select(1, context_index.reshape(-1)), groups, attn_mask)
             else:  # CPU inference: a piece of groups at a time (see gather_chunk_bytes)
                 step = _groups_per_piece(kv, context_index, self.gather_chunk_bytes)
