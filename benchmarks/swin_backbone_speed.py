@@ -91,19 +91,24 @@ def _rates(models: Dict[str, torch.nn.Module], size: Tuple[int, int], batch_size
     return benchmark_models(models, (3, *size), settings)
 
 
-def _faults_per_forward(model: torch.nn.Module, x: torch.Tensor) -> int:
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (pages faulted in on first touch)."""
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _faults_per_forward(model: torch.nn.Module, x: torch.Tensor) -> int:
     with torch.inference_mode():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        before = _minor_faults()
         model(x)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        return _minor_faults() - before
 
 
 def _print_table(models: Dict[str, torch.nn.Module], results: Dict[str, dict], size: Tuple[int, int],
                  batch_size: int, with_faults: bool = False) -> None:
     base = "timm Swin-S (SDPA)"
-    x = torch.randn(batch_size, 3, *size)
+    x = torch.randn(batch_size, 3, *size) if with_faults else None
     extra = " page faults per forward |" if with_faults else ""
     print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | GMACs | "
           f"img/s (median) | rounds | speedup | FLOPs ratio |{extra}")
@@ -276,11 +281,6 @@ def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
     glibc serves allocations above its mmap threshold (at most 32 MB) with fresh pages, faulted in on first touch
     and returned on free, on every forward; ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep them.
     """
-    import resource
-
-    def minor_faults() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
     x = torch.randn(batch_size, 3, *size)
     for name, model in backbones(size).items():
         inner = model.model
@@ -288,12 +288,12 @@ def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
         started: Dict[str, Tuple[int, float]] = {}
 
         def before(module: torch.nn.Module, args: tuple, key: str) -> None:
-            started[key] = (minor_faults(), time.perf_counter())
+            started[key] = (_minor_faults(), time.perf_counter())
 
         def after(module: torch.nn.Module, args: tuple, out: object, key: str) -> None:
             f, t = started[key]
             stats.setdefault(key, [0, 0.0])
-            stats[key][0] += minor_faults() - f
+            stats[key][0] += _minor_faults() - f
             stats[key][1] += time.perf_counter() - t
 
         parts = [("stem", inner.patch_embed)] + [(f"stage {i + 1}", stage) for i, stage in enumerate(inner.layers)]
@@ -302,10 +302,10 @@ def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
         with torch.inference_mode():
             model(x)  # warm-up, not counted
             stats.clear()
-            f0, t0 = minor_faults(), time.perf_counter()
+            f0, t0 = _minor_faults(), time.perf_counter()
             for _ in range(reps):
                 model(x)
-            total, seconds = (minor_faults() - f0) / reps, (time.perf_counter() - t0) / reps
+            total, seconds = (_minor_faults() - f0) / reps, (time.perf_counter() - t0) / reps
         for h in hooks:
             h.remove()
         print(f"{name}: {total:.0f} page faults, {seconds:.2f} s per forward; " + ", ".join(
