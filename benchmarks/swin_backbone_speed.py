@@ -36,6 +36,7 @@ from timm.models.swin_transformer import WindowAttention
 
 import stvit_core  # noqa: F401  (registers the models)
 from stvit_core.benchmark import BenchmarkSettings, benchmark_models
+from stvit_core.env import memory_allocator
 from stvit_core.flops import count_flops
 from stvit_core.layers import CrossAttention
 
@@ -110,7 +111,8 @@ def _print_table(models: Dict[str, torch.nn.Module], results: Dict[str, dict], s
     base = "timm Swin-S (SDPA)"
     x = torch.randn(batch_size, 3, *size) if with_faults else None
     extra = " page faults per forward |" if with_faults else ""
-    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | GMACs | "
+    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads, "
+          f"{memory_allocator()} malloc) | GMACs | "
           f"img/s (median) | rounds | speedup | FLOPs ratio |{extra}")
     print("|---|---|---|---|---|---|" + ("---|" if with_faults else ""))
     base_flops = count_flops(models[base], (3, *size))

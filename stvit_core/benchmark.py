@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .device import resolve_device
+from .env import memory_allocator
 from .errors import DownloadError, InvalidArgumentError
 from .flops import count_flops, count_params
 
@@ -303,6 +304,7 @@ def _pair_result(settings: BenchmarkSettings, device: torch.device, input_size: 
         "channels_last": settings.channels_last,
         "input_size": list(input_size),
         "threads": torch.get_num_threads(),
+        "memory_allocator": memory_allocator(),
         "torch": torch.__version__,
     }
     if settings.runtime == "onnxruntime":

@@ -18,9 +18,34 @@ def _lines(text: Optional[str]) -> List[str]:
     return [line.strip() for line in (text or "").splitlines() if line.strip()]
 
 
+#: Allocators that replace malloc when preloaded (LD_PRELOAD, or PyTorch's CPU launcher
+#: ``python -m torch.backends.xeon.run_cpu``), by the library name they are mapped under.
+_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
+
+def memory_allocator(maps: str = "/proc/self/maps") -> str:
+    """The malloc this process runs on: ``tcmalloc``, ``jemalloc`` or ``mimalloc`` when one is mapped in,
+    otherwise the C library's (``glibc`` on Linux, ``system`` elsewhere).
+
+    Benchmarks record it because at detection sizes the allocator moves CPU timings as much as the model does:
+    glibc returns every block above its mmap threshold to the OS, so each forward faults fresh pages in.
+    """
+    import platform
+
+    try:
+        with open(maps) as f:
+            mapped = {line.rsplit("/", 1)[-1].strip() for line in f if "/" in line}
+    except OSError:
+        mapped = set()
+    for name in _ALLOCATORS:
+        if any(lib.startswith(f"lib{name}") for lib in mapped):
+            return name
+    return "glibc" if platform.libc_ver()[0] == "glibc" else "system"
+
+
 def environment_info() -> Dict[str, Any]:
     """Versions of stvit, Python, torch, torchvision, timm, huggingface_hub and safetensors, the OS, CUDA
-    (compiled and runtime), cuDNN, the driver, the GPUs and torch's CPU threads."""
+    (compiled and runtime), cuDNN, the driver, the GPUs, torch's CPU threads and the memory allocator."""
     import huggingface_hub
     import safetensors
     import timm
@@ -47,5 +72,6 @@ def environment_info() -> Dict[str, Any]:
         "nvidia_driver": sysenv.nvidia_driver_version,
         "devices": _lines(sysenv.nvidia_gpu_models),
         "cpu_threads": torch.get_num_threads(),
+        "memory_allocator": memory_allocator(),
         "pip_packages": _lines(sysenv.pip_packages),
     }

@@ -158,7 +158,8 @@ def _settings_line(r: Dict[str, Any]) -> str:
     runtime = f"onnxruntime {r['onnxruntime']}" if r.get("runtime") == "onnxruntime" else f"torch {r['torch']}"
     return (f"{r['bench']} | {r['device']} | {r['dtype']}"
             f"{' | compiled' if r['compile'] else ''}{' | cuda graphs' if r['cuda_graphs'] else ''}"
-            f" | {runtime} | {r['threads']} threads")
+            f" | {runtime} | {r['threads']} threads"
+            f"{' | ' + r['memory_allocator'] + ' malloc' if r['device'] == 'cpu' and r.get('memory_allocator') else ''}")
 
 
 def format_batch_table(results: List[Dict[str, Any]]) -> str:
