@@ -8,6 +8,9 @@
     OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py faults --size 800 1333 --batch-size 1 --rounds 2
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py pieces --size 800 1333 --batch-size 1 --rounds 7
+    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py attention --size 800 1333 --batch-size 1 --rounds 2
+    LD_PRELOAD=libtcmalloc_minimal.so.4 OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput \
+        --size 800 1333 --batch-size 1
 
 All models are ``features_only`` backbones (four NCHW maps), fp32, inference mode, random weights; timm's
 Swin runs its window attention through ``scaled_dot_product_attention`` (``fused_attn``, what
@@ -17,7 +20,9 @@ units; timm's blocks grouped by the unit position they correspond to) next to it
 ``ops`` profiles stage 3 of both models with torch.profiler and prints the top operators; ``part-ops`` does so
 for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage.
 ``pieces`` times the detection layout with one neighbourhood gather per layer against its CPU-inference
-default (gathers in pieces), with page faults per forward.
+default (gathers in pieces), with page faults per forward. ``attention`` times every
+``scaled_dot_product_attention`` call of a forward, grouped by shape, with its multiply-add rate. Table headers
+name the malloc the process runs on (``LD_PRELOAD`` a tcmalloc to compare: it moves both models' timings).
 """
 
 from __future__ import annotations
@@ -314,9 +319,51 @@ def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
             f"{key} {v[0] / reps:.0f} / {v[1] / reps:.2f} s" for key, v in stats.items()))
 
 
+def attention(size: Tuple[int, int], batch_size: int, reps: int) -> None:
+    """Every ``scaled_dot_product_attention`` call of a forward, timed one by one and grouped by shape: how fast
+    attention runs per multiply-add at each shape, against the whole forward (models one after the other)."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+    calls: Dict[tuple, List[float]] = {}
+
+    def timed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = sdpa(q, k, v, *args, **kwargs)
+        key = (tuple(q.shape), tuple(k.shape), kwargs.get("attn_mask") is not None)
+        calls.setdefault(key, []).append(time.perf_counter() - t0)
+        return out
+
+    x = torch.randn(batch_size, 3, *size)
+    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | queries "
+          "| keys | mask | calls | ms per forward | GMACs | GMAC/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    F.scaled_dot_product_attention = timed  # timm's Swin and our layers both call it through the module
+    try:
+        for name, model in backbones(size).items():
+            with torch.inference_mode():
+                model(x)  # warm-up
+                calls.clear()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    model(x)
+                forward_ms = (time.perf_counter() - t0) / reps * 1e3
+            total_ms = total_macs = 0.0
+            for (q, k, masked), seconds in sorted(calls.items(), key=lambda kv: -sum(kv[1])):
+                macs = 2 * q[0] * q[1] * q[2] * k[2] * q[3] * len(seconds) / reps / 1e9
+                ms = sum(seconds) / reps * 1e3
+                total_ms, total_macs = total_ms + ms, total_macs + macs
+                print(f"| {name} | {'x'.join(map(str, q))} | {'x'.join(map(str, k))} | {'yes' if masked else 'no'} | "
+                      f"{len(seconds) // reps} | {ms:.1f} | {macs:.2f} | {macs / ms * 1e3:.1f} |")
+            print(f"| {name}: **all attention** | | | | | {total_ms:.1f} of {forward_ms:.0f} | {total_macs:.2f} | "
+                  f"{total_macs / total_ms * 1e3:.1f} |")
+    finally:
+        F.scaled_dot_product_attention = sdpa
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("throughput", "pieces", "parts", "ops", "part-ops", "faults"))
+    p.add_argument("what", choices=("throughput", "pieces", "parts", "ops", "part-ops", "faults", "attention"))
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
@@ -336,6 +383,8 @@ def main() -> None:
         ops(size, args.batch_size, 25)
     elif args.what == "faults":
         faults(size, args.batch_size, args.rounds)
+    elif args.what == "attention":
+        attention(size, args.batch_size, args.rounds)
     else:
         part_ops(size, args.batch_size, 12)
 

@@ -319,6 +319,13 @@ def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
         folded = stem(x)
     assert folded.shape == (2, 16, 23, 32)
     torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+    # the activations run in place: gradients through the folded stem (eval mode, e.g. attribution) stay right
+    # and the caller's image is untouched
+    x_copy, xg, xr = x.clone(), x.clone().requires_grad_(), x.clone().requires_grad_()
+    stem(xg).square().sum().backward()
+    stem.proj(torch.nn.functional.pad(xr, (0, 2, 0, 3))).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-4)
+    assert torch.equal(x, x_copy)
     stem.train()
     assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
 
@@ -340,6 +347,31 @@ def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
     assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)", "| STViT-R-Swin-S (conv stem)",
                                                  "| STViT-R-Swin-S (patch stem)", "| STViT-R-Swin-S (detection layout)"]
     assert all(re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \|$", r) for r in rows), rows
+
+
+@pytest.mark.slow
+def test_backbone_attention_script_times_every_attention_call():
+    """``swin_backbone_speed.py attention`` sees every SDPA call of a forward (timm's window attention and ours):
+    timm's Swin-S makes one per block (24), the detection layout masks its local layers' keys."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO_ROOT, cli_env
+
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "attention", "--size", "61", "93",
+                           "--batch-size", "1", "--rounds", "1"],
+                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| timm") or
+            line.startswith("| STViT")]
+    shapes = {}
+    for row in rows:
+        if "all attention" not in row[0]:
+            shapes.setdefault(row[0].lstrip("| "), []).append(row)
+    assert sum(int(r[4]) for r in shapes["timm Swin-S (SDPA)"]) == 24
+    assert any(r[3] == "yes" for r in shapes["STViT-R-Swin-S (detection layout)"])
+    totals = [r for r in rows if "all attention" in r[0]]
+    assert len(totals) == 4 and all(float(r[-2]) > 0 for r in totals), totals
 
 
 @pytest.mark.slow
