@@ -27,8 +27,8 @@ def memory_allocator(maps: str = "/proc/self/maps") -> str:
     """The malloc this process runs on: ``tcmalloc``, ``jemalloc`` or ``mimalloc`` when one is mapped in,
     otherwise the C library's (``glibc`` on Linux, ``system`` elsewhere).
 
-    Benchmarks record it because at detection sizes the allocator moves CPU timings as much as the model does:
-    glibc returns every block above its mmap threshold to the OS, so each forward faults fresh pages in.
+    Benchmarks record it because at detection sizes it moves CPU timings by tens of percent: glibc returns every
+    block above its mmap threshold to the OS, so each forward faults fresh pages in (docs/dense-tasks.md).
     """
     import platform
 
