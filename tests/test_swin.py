@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from stvit_core.flops import count_flops
 from stvit_core.layers import pool_windows, window_neighbourhood_index
 from stvit_core.models.swin import RecoverySwinTransformer, checkpoint_filter_fn
 
-from .conftest import assert_one_line_error, run_cli
+from .conftest import REPO_ROOT, assert_one_line_error, cli_env, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = dict(embed_dim=16, num_heads=(1, 2, 4, 8), num_classes=10)  # small widths keep the tests fast
@@ -330,19 +332,20 @@ def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
     assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
 
 
+def _run_speed_script(*args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/swin_backbone_speed.py ARGS`` in a real subprocess from the repository root; must succeed."""
+    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", *args], cwd=REPO_ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 @pytest.mark.slow
 def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
     """benchmarks/swin_backbone_speed.py (the issue #14 speed figures) at a small odd size: one row per backbone,
     speedups and FLOPs ratios against timm's Swin-S (the figures themselves are not checked: no timing in tests)."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO_ROOT, cli_env
-
-    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "throughput", "--size", "61", "93",
-                           "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--cpu-time"],
-                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_speed_script("throughput", "--size", "61", "93", "--batch-size", "1", "--rounds", "1", "--warmup", "0",
+                             "--cpu-time")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
     assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)", "| STViT-R-Swin-S (conv stem)",
                                                  "| STViT-R-Swin-S (patch stem)", "| STViT-R-Swin-S (detection layout)"]
@@ -353,15 +356,7 @@ def test_backbone_speed_script_runs_every_backbone_at_an_odd_size():
 def test_backbone_attention_script_times_every_attention_call():
     """``swin_backbone_speed.py attention`` sees every SDPA call of a forward (timm's window attention and ours):
     timm's Swin-S makes one per block (24), the detection layout masks its local layers' keys."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO_ROOT, cli_env
-
-    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "attention", "--size", "61", "93",
-                           "--batch-size", "1", "--rounds", "1"],
-                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_speed_script("attention", "--size", "61", "93", "--batch-size", "1", "--rounds", "1")
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| timm") or
             line.startswith("| STViT")]
     shapes = {}
@@ -378,15 +373,7 @@ def test_backbone_attention_script_times_every_attention_call():
 def test_backbone_parts_script_times_every_part_of_the_unit():
     """``swin_backbone_speed.py parts`` captures each part's real inputs (hooks on the model's own modules), so it
     keeps working when the parts' arguments change: a row per unit part, GMACs of both models, and the stages."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO_ROOT, cli_env
-
-    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "parts", "--size", "61", "93",
-                           "--batch-size", "1", "--rounds", "1"],
-                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_speed_script("parts", "--size", "61", "93", "--batch-size", "1", "--rounds", "1")
     rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for part in ("Swin block", "generator layer 1", "generator layer 2", "semantic (window)", "semantic (all)",
                  "recovery", "**stage 3**"):
@@ -398,15 +385,7 @@ def test_backbone_parts_script_times_every_part_of_the_unit():
 def test_backbone_faults_script_counts_page_faults_per_stage():
     """``swin_backbone_speed.py faults`` (docs/dense-tasks.md's page-fault table): one line per backbone with the
     faults and seconds of a forward, and of its stem and four stages."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO_ROOT, cli_env
-
-    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "faults", "--size", "61", "93",
-                           "--batch-size", "1", "--rounds", "1"],
-                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_speed_script("faults", "--size", "61", "93", "--batch-size", "1", "--rounds", "1")
     lines = [line for line in proc.stdout.splitlines() if "page faults" in line]
     assert [line.split(":")[0] for line in lines] == ["timm Swin-S (SDPA)", "STViT-R-Swin-S (conv stem)",
                                                      "STViT-R-Swin-S (patch stem)", "STViT-R-Swin-S (detection layout)"]
@@ -421,15 +400,8 @@ def test_backbone_pieces_script_compares_the_detection_layouts_gathers():
     """``swin_backbone_speed.py pieces`` (docs/dense-tasks.md's gathers-in-pieces figures): timm's Swin-S and the
     detection layout with one gather per layer and in pieces, speedups, FLOPs ratios (equal: same model) and the
     page faults of a forward."""
-    import subprocess
-    import sys
-
-    from .conftest import REPO_ROOT, cli_env
-
-    proc = subprocess.run([sys.executable, "benchmarks/swin_backbone_speed.py", "pieces", "--size", "61", "93",
-                           "--batch-size", "1", "--rounds", "1", "--warmup", "0", "--cpu-time"],
-                          cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
+    proc = _run_speed_script("pieces", "--size", "61", "93", "--batch-size", "1", "--rounds", "1", "--warmup", "0",
+                             "--cpu-time")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
     assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)",
                                                  "| STViT-R-Swin-S (detection layout), one gather per layer",
