@@ -335,8 +335,8 @@ def attention(size: Tuple[int, int], batch_size: int, reps: int) -> None:
         return out
 
     x = torch.randn(batch_size, 3, *size)
-    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads) | queries "
-          "| keys | mask | calls | ms per forward | GMACs | GMAC/s |")
+    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads, "
+          f"{memory_allocator()} malloc) | queries | keys | mask | calls | ms per forward | GMACs | GMAC/s |")
     print("|---|---|---|---|---|---|---|---|")
     F.scaled_dot_product_attention = timed  # timm's Swin and our layers both call it through the module
     try:
