@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -236,9 +237,10 @@ def onnx_data_config(meta: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def onnx_session(path: Union[str, os.PathLike, bytes], providers: Optional[Sequence[str]] = None,
-                 threads: Optional[int] = None) -> Any:
+                 threads: Optional[int] = None, *, name: Optional[str] = None) -> Any:
     """An onnxruntime ``InferenceSession`` (CPU unless ``providers`` say otherwise, ``threads`` intra-op threads;
-    default: torch's thread count, so that both runtimes are compared on the same threads)."""
+    default: torch's thread count, so that both runtimes are compared on the same threads). ``name``: what
+    errors call the file (default: its path)."""
     require_extra("export", ("onnxruntime",), "running an ONNX file")
     import onnxruntime
 
@@ -250,7 +252,7 @@ def onnx_session(path: Union[str, os.PathLike, bytes], providers: Optional[Seque
         return onnxruntime.InferenceSession(path if isinstance(path, bytes) else str(path), options,
                                             providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf / NoSuchFile classes
-        what = "the model" if isinstance(path, bytes) else str(path)
+        what = name or ("the model" if isinstance(path, bytes) else str(path))
         raise CheckpointError(f"cannot load {what} with onnxruntime: {first_line(e)}") from None
 
 
@@ -335,10 +337,23 @@ def _rename_into_place(tmp: Path, output: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    # the ONNX exporter prints progress on stdout and warns about its own internals; library code never prints
+    # the ONNX exporter prints progress on stdout and warns (warnings and logging, a failed opset conversion with
+    # its traceback) about its own internals; library code never prints, and what matters is checked after
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    disabled = [logger.disabled for logger in loggers]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        yield
+        for logger in loggers:
+            logger.disabled = True
+        try:
+            yield
+        finally:
+            for logger, was in zip(loggers, disabled):
+                logger.disabled = was
+
+
+_EXPORTER_LOGGERS = ("onnxscript", "onnxscript.version_converter", "onnx_ir", "torch.onnx",
+                     "torch.onnx._internal.exporter._compat", "torch.onnx._internal.exporter._core")
 
 
 def _check_inputs(model: nn.Module, batch_sizes: Sequence[int]) -> Dict[int, torch.Tensor]:
@@ -374,6 +389,10 @@ def to_onnx(program: Any, example: torch.Tensor, *, output_names: Sequence[str],
     except Exception as e:
         raise StvitError(f"cannot convert the exported program to ONNX{f' opset {opset}' if opset else ''}: "
                          f"{first_line(e)}") from None
+    written = onnx_program.model.opset_imports.get("")
+    if opset is not None and written != opset:  # the exporter logs a failed conversion and keeps its own opset
+        raise InvalidArgumentError(f"cannot write ONNX opset {opset}: torch's exporter builds opset {written} and "
+                                   f"could not convert it to {opset} (without an opset it writes {written})")
     onnx_program.model.metadata_props.update(dict(metadata or {}))
     return onnx_program
 
@@ -393,7 +412,7 @@ def _run_file(path: Path, format: str, inputs: Mapping[int, torch.Tensor]) -> Di
             raise StvitError(f"cannot load the written file with torch.export.load: {first_line(e)}") from None
         with torch.no_grad():
             return {b: _outputs(module(x)) for b, x in inputs.items()}
-    session = onnx_session(path)
+    session = onnx_session(path, name="the exported file")  # not the temporary name the user never sees
     return {b: _outputs(session.run(None, {INPUT_NAME: x.numpy()})) for b, x in inputs.items()}
 
 

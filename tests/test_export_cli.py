@@ -303,3 +303,16 @@ def test_without_onnxruntime_export_and_predict_say_which_extra_and_write_nothin
         assert len(lines) == 1 and lines[0].startswith("Error: ") and "onnxruntime" in lines[0], result.stderr
         assert "pip install 'stvit[export]'" in lines[0]
         assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["any.onnx", "out", "shim"]
+
+
+@pytest.mark.parametrize("opset", [1, 999])
+def test_an_opset_the_exporter_cannot_write_is_one_line_and_no_file(stvit_dir, tmp_path, opset):
+    """torch's exporter builds opset 18 and converts; a failed conversion used to log a traceback and write
+    opset 18 anyway (1), or fail in onnxruntime naming a temporary file (999)."""
+    result = subprocess.run([sys.executable, "-m", "stvit_cli", "export", str(stvit_dir), "-o", "m.onnx",
+                             "--opset", str(opset)], capture_output=True, text=True, env=env(), cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write ONNX opset {opset}"), result.stderr
+    assert list(tmp_path.iterdir()) == []

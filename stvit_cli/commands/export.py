@@ -18,7 +18,8 @@ from ._common import LibraryOption, echo_json, json_option, positive_int, source
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, metavar="FILE",
               help="The file to write (e.g. model.onnx); must not exist unless --force.")
 @click.option("--opset", type=click.IntRange(min=1), default=None, show_default="torch's default", metavar="N",
-              help="ONNX opset version (ONNX only).")
+              help="ONNX opset version (ONNX only). The exporter builds opset 18 and converts to N; an opset it "
+                   "cannot convert to is an error.")
 @click.option("--batch-size", "-b", type=positive_int(), default=None, show_default="dynamic", metavar="B",
               help="Fix the batch dimension at B (checked at B).")
 @click.option("--dynamic-batch", is_flag=True,
