@@ -92,6 +92,10 @@ class StvitGroup(RecordingGroup):
             ctx.exit(1)
         except Exception as e:
             errors = sys.modules.get("stvit_core.errors")  # loaded by whatever raised a library error
+            if errors is not None and _out_of_memory(e):  # a batch too large for the device: the user's to change
+                click.echo(f"Error: out of memory ({errors.first_line(_allocator_message(e), limit=300)}); try a "
+                           "smaller batch size", err=True)
+                ctx.exit(1)
             if errors is None or not isinstance(e, errors.StvitError):
                 raise
             message = str(e)
@@ -137,6 +141,17 @@ def cli() -> None:
       stvit benchmark deit_small --tokens 16 --device cpu
       stvit env
     """
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's out-of-memory errors: ``torch.OutOfMemoryError`` (CUDA, MPS) and the CPU allocator's RuntimeError."""
+    return (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or (isinstance(e, RuntimeError) and "can't allocate memory" in str(e)))
+
+
+def _allocator_message(e: BaseException) -> str:
+    # the CPU allocator's message starts with a C++ source location: "[enforce fail at alloc_cpu.cpp:127] err == 0."
+    return re.sub(r"^\[enforce fail at [^]]*\] err == 0\. ", "", str(e).strip()) or type(e).__name__
 
 
 def _register_commands() -> None:

@@ -302,6 +302,8 @@ def check_output_path(output: Union[str, os.PathLike], *, force: bool = False) -
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists (use --force to overwrite)")
     parent = output.parent
+    if parent.exists() and not parent.is_dir():
+        raise StvitError(f"cannot write {output}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise StvitError(f"cannot write {output}: folder {parent} does not exist")
     with _temporary_file(output):  # a real write: permissions, read-only file systems, root on /sys

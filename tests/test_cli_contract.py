@@ -50,6 +50,8 @@ def inputs(tmp_path_factory) -> Dict[str, str]:
     (d / "nonempty").mkdir()
     (d / "nonempty" / "keep.txt").write_text("x")
     (d / "existing.onnx").write_bytes(b"an earlier export")
+    (d / "existing.png").write_bytes(b"an earlier plot")
+    (d / "existing.csv").write_text("an earlier result\n")
     (d / "bad.png").write_text("not an image")
     _plain_deit_dir(d / "plain-deit")
     _plain_onnx(d / "plain.onnx")
@@ -262,6 +264,11 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("eval-results-file-suffix", [*EVAL, "--results-file", "{out}/r.txt"], INVALID, (".csv or .json",), ()),
     ("eval-results-file-not-writable", [*EVAL, "--results-file", "/sys/stvit-contract.csv"], FAILED,
      ("cannot write /sys",), ()),
+    ("eval-results-file-exists", [*EVAL, "--results-file", "{in}/existing.csv"], FAILED,
+     ("already exists", "--force"), ()),
+    ("eval-results-file-under-a-file", [*EVAL, "--results-file", "{in}/blocker/r.csv"], FAILED,
+     ("is a file, not a folder",), ()),
+    ("eval-force-without-results-file", [*EVAL, "--force"], INVALID, ("--force applies to --results-file",), ()),
     ("eval-unknown-subcommand", ["eval", "cifar"], USAGE, ("No such command",), ()),
     # -- vis
     ("vis-not-an-stvit-model", ["vis", "{in}/plain-deit", "{in}/image.png", "-o", "{out}/vis"], INVALID,
@@ -329,6 +336,12 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
      ("matplotlib", "pip install 'stvit[plot]'"), ("no-matplotlib",)),
     ("benchmark-plot-not-writable", [*SWEEP, "--batch-sizes", "1", "--plot", "/sys/stvit-contract.png"], FAILED,
      ("cannot write /sys",), ()),
+    ("benchmark-plot-not-png", [*SWEEP, "--batch-sizes", "1", "--plot", "{out}/p.txt"], INVALID, (".png",), ()),
+    ("benchmark-plot-exists", [*SWEEP, "--batch-sizes", "1", "--plot", "{in}/existing.png"], FAILED,
+     ("already exists", "--force"), ()),
+    ("benchmark-force-without-plot", [*BENCH, "--force"], INVALID, ("--force applies to --plot",), ()),
+    ("benchmark-out-of-memory", ["benchmark", "deit_tiny", "-b", "20000000", "--rounds", "1", "--device", "cpu"],
+     FAILED, ("out of memory", "smaller batch size"), ()),
     # -- export
     ("export-unknown-format", [*EXPORT, "--format", "tflite"], USAGE, ("--format", "tflite"), ()),
     ("export-missing-output", ["export", "{model}"], USAGE, ("Missing option", "--output"), ()),

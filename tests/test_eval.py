@@ -115,16 +115,29 @@ def test_eval_imagenet_with_a_head_of_other_classes_says_what_to_do(imagenet_dir
     assert "--num-classes" not in r.stderr
 
 
-def test_results_file_that_cannot_be_written_keeps_the_printed_result(biased_model, imagenet_dir, tmp_path):
+def test_a_results_file_that_cannot_be_written_or_exists_fails_before_evaluating(biased_model, imagenet_dir,
+                                                                                 tmp_path):
+    args = ["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir), "--workers", "0"]
     results = unwritable_dir(tmp_path) / "r.csv"
-    r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir), "--workers", "0",
-                        "--results-file", str(results)])
+    r = cli_in_process([*args, "--results-file", str(results)])
     assert_one_line_error(r, "cannot write", str(results))
-    assert "top-1 20.00%" in r.stdout  # the evaluation was printed before the file failed
-    r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(imagenet_dir),
-                        "--results-file", str(tmp_path / "missing" / "r.csv")])
-    assert_one_line_error(r, "does not exist")  # known before evaluating: nothing printed
-    assert r.stdout == ""
+    assert r.returncode == 1 and r.stdout == ""  # known before evaluating: nothing printed
+    r = cli_in_process([*args, "--results-file", str(tmp_path / "missing" / "r.csv")])
+    assert_one_line_error(r, "does not exist")
+    assert r.returncode == 1 and r.stdout == ""
+    (tmp_path / "file").write_text("a file, not a folder")
+    r = cli_in_process([*args, "--results-file", str(tmp_path / "file" / "r.csv")])
+    assert_one_line_error(r, "is a file, not a folder")
+    existing = tmp_path / "r.json"
+    existing.write_text("an earlier result")
+    r = cli_in_process([*args, "--results-file", str(existing)])
+    assert_one_line_error(r, "already exists", "--force")
+    assert r.stdout == "" and existing.read_text() == "an earlier result"
+    r = cli_in_process([*args, "--results-file", str(existing), "--force"])
+    assert r.returncode == 0, r.stderr
+    assert "top-1 20.00%" in r.stdout and json.loads(existing.read_text())["top1"] == pytest.approx(20.0)
+    r = cli_in_process([*args, "--force"])
+    assert_one_line_error(r, "--force applies to --results-file only")
 
 
 @pytest.mark.slow

@@ -63,13 +63,15 @@ class BatchSizes(click.ParamType):
               help="Time each batch size, every step on its own: throughput and p50/p95 latency of a batch "
                    "(replaces --batch-size).")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
-              help="With --batch-sizes: a PNG of throughput and latency against batch size (needs matplotlib: "
-                   "pip install 'stvit[plot]').")
+              help="With --batch-sizes: a PNG (FILE ends in .png) of throughput and latency against batch size "
+                   "(needs matplotlib: pip install 'stvit[plot]'); must not exist unless --force.")
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
 def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
               recovery: bool, batch_size: int, device: Optional[str], dtype: str, bench: str, compile_: bool,
               cuda_graphs: bool, channels_last: bool, rounds: int, round_time: float, threads: Optional[int],
-              runtime: str, batch_sizes: Optional[Tuple[int, ...]], plot: Optional[Path], as_json: bool) -> None:
+              runtime: str, batch_sizes: Optional[Tuple[int, ...]], plot: Optional[Path], force: bool,
+              as_json: bool) -> None:
     """Time MODEL's base version and its STViT version with identical settings.
 
     MODEL is a source name (deit_tiny | deit_small | deit_base | swin_tiny | swin_small | swin_base | a timm
@@ -100,8 +102,12 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
 
         if not batch_sizes:
             raise InvalidArgumentError("--plot needs --batch-sizes (it draws speed against batch size)")
+        if plot.suffix.lower() != ".png":
+            raise InvalidArgumentError(f"--plot writes a PNG: FILE must end in .png, got {plot.name}")
         require_extra("plot", ("matplotlib",), "--plot")
-        check_output_path(plot, force=True)
+        check_output_path(plot, force=force)
+    elif force:
+        raise InvalidArgumentError("--force applies to --plot only (the file it replaces)")
     if threads is not None:
         torch.set_num_threads(threads)
     runs = [

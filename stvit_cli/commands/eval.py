@@ -23,7 +23,8 @@ def _common_options(func):
                      help="Autocast on GPU."),
         json_option,
         click.option("--results-file", default=None, type=click.Path(dir_okay=False), metavar="FILE",
-                     help="Also write the results to a .csv or .json file."),
+                     help="Also write the results to a .csv or .json file; it must not exist unless --force."),
+        click.option("--force", is_flag=True, help="Replace an existing --results-file."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -31,16 +32,17 @@ def _common_options(func):
 
 
 def _run(imagenet: bool, model_spec: str, data: str, batch_size: int, device: Optional[str], workers: int,
-         amp: Optional[str], as_json: bool, results_file: Optional[str]) -> None:
-    from pathlib import Path
-
+         amp: Optional[str], as_json: bool, results_file: Optional[str], force: bool) -> None:
     from stvit_core.errors import InvalidArgumentError
     from stvit_core.evaluate import evaluate_model, write_results_file
+    from stvit_core.export import check_output_path
 
     if results_file and not (results_file.endswith(".csv") or results_file.endswith(".json")):
         raise InvalidArgumentError(f"--results-file must end in .csv or .json: {results_file}")
-    if results_file and not Path(results_file).resolve().parent.is_dir():
-        raise InvalidArgumentError(f"--results-file: folder {Path(results_file).parent} does not exist")
+    if results_file:  # an existing or unwritable file fails now, not after the evaluation
+        check_output_path(results_file, force=force)
+    elif force:
+        raise InvalidArgumentError("--force applies to --results-file only (the file it replaces)")
     result = evaluate_model(model_spec, data, imagenet=imagenet, batch_size=batch_size, device=device,
                             workers=workers, amp=amp)
     if not _is_main_process():
