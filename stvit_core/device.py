@@ -3,6 +3,7 @@
 One resolver for every entry point (``train``, ``evaluate_model``, the benchmark): ``None`` or ``"auto"`` is
 CUDA when available, else the CPU; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are accepted when this machine
 has them; anything else is an :class:`~stvit_core.errors.InvalidArgumentError` naming ``--device``.
+``--amp bf16|fp16`` is torch's autocast on whichever of these runs (CPU too: torch autocasts both there).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import InvalidArgumentError
 __all__ = ["autocast", "resolve_device"]
 
 _CHOICES = "use cpu, cuda, cuda:N, mps or auto"
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(spec: Optional[Union[str, torch.device]] = None) -> torch.device:
@@ -43,7 +45,15 @@ def resolve_device(spec: Optional[Union[str, torch.device]] = None) -> torch.dev
 
 
 def autocast(device: torch.device, amp: Optional[str]) -> ContextManager:
-    """bf16/fp16 autocast on CUDA for ``amp`` 'bf16'/'fp16'; a no-op on other devices or without ``amp``."""
-    if amp is None or device.type != "cuda":
+    """bf16/fp16 autocast on ``device`` for ``amp`` 'bf16'/'fp16' (torch's own, CPU included); a no-op without.
+
+    A device torch has no autocast for is an :class:`~stvit_core.errors.InvalidArgumentError` naming ``--amp``,
+    never a silent float32 run.
+    """
+    if amp is None:
         return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    if amp not in _AMP_DTYPES:
+        raise InvalidArgumentError(f"--amp {amp!r}: use bf16 or fp16")
+    if not torch.amp.is_autocast_available(device.type):
+        raise InvalidArgumentError(f"--amp {amp}: torch has no autocast on {device.type}; leave --amp out")
+    return torch.autocast(device.type, dtype=_AMP_DTYPES[amp])

@@ -94,7 +94,7 @@ class TrainConfig:
     distill: Optional[str] = None  # None | "soft" | "hard"
     distill_alpha: float = 0.5
     distill_tau: float = 1.0
-    amp: Optional[str] = None  # None (fp32) | "bf16" | "fp16"; autocast is used on CUDA only
+    amp: Optional[str] = None  # None (fp32) | "bf16" | "fp16": autocast on the run's device (CPU too)
     compile: bool = False
     workers: int = 2
     seed: int = 0
@@ -237,7 +237,7 @@ def build_optimisation(cfg: TrainConfig, model: nn.Module, teacher: Optional[nn.
                                        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
                                        updates_per_epoch=math.ceil(data.batches_per_epoch / cfg.accum_steps))
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    scaler = NativeScaler(device="cuda") if cfg.amp == "fp16" and dist.device.type == "cuda" else None
+    scaler = NativeScaler(device=dist.device.type) if cfg.amp == "fp16" else None  # fp16 autocasts on CPU too
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,

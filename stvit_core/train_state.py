@@ -38,7 +38,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: Optional[nn.Module] = None  # timm ModelEmaV3
-    scaler: Optional[Any] = None  # timm NativeScaler (fp16 on CUDA)
+    scaler: Optional[Any] = None  # timm NativeScaler (fp16)
     epoch: int = 0  # the epoch in progress, counted from 0
     batches_done: int = 0  # batches of that epoch already trained
     num_updates: int = 0  # optimizer steps so far
@@ -108,8 +108,10 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"resume checkpoint not found: {p}")
     try:
         ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read resume checkpoint {p}: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # one line, as for any weights file: never torch's advice to turn safety off
+        from .checkpoint import unreadable_checkpoint_message
+
+        raise CheckpointError(unreadable_checkpoint_message(p, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{p} is not a stvit training checkpoint (checkpoints/last.pth of a finetune run)")
     return ckpt

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from stvit_core.device import resolve_device
+from stvit_core.device import autocast, resolve_device
 from stvit_core.errors import InvalidArgumentError
 from stvit_core.evaluate import evaluate_model
 from stvit_core.train import resolve_config, train
-from tests.train_utils import assert_one_line_error, cli_in_process
+from tests.train_utils import assert_one_line_error, cli_in_process, tiny_stvit
 
 UNKNOWN = ["tpu", "cuda:x", "GPU", "meta", "xpu", "cuda:-1"]
 
@@ -44,3 +44,17 @@ def test_entry_points_check_the_device_first(tmp_path):
                             "--device", "tpu"])
         assert_one_line_error(r, "--device", "tpu")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), (None, torch.float32)])
+def test_amp_autocasts_on_cpu(amp, dtype):
+    """--amp on CPU is torch's CPU autocast (it used to be a silent float32 run): every linear layer of a real
+    model computes in the asked dtype, and the forward still works."""
+    model = tiny_stvit(tokens=4).eval()
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    with torch.no_grad(), autocast(torch.device("cpu"), amp):
+        logits = model(torch.randn(2, 3, 28, 28))
+    assert seen == {dtype} and logits.dtype == dtype and torch.isfinite(logits.float()).all()
