@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CheckpointError, InvalidArgumentError
+from .errors import CheckpointError, InvalidArgumentError, StvitError
 
 __all__ = ["DistillationLoss", "architecture_of", "create_model_for_training", "create_teacher", "teacher_for"]
 
@@ -41,13 +41,26 @@ def _check_token_options(spec: str, tokens: Optional[int], tokens_per_window: Op
         return
     option = "--tokens" if tokens is not None else "--tokens-per-window"
     if _is_path_like(spec):
-        raise InvalidArgumentError(f"{option} applies when --model is a model name; {spec} is a model whose tokens "
+        raise InvalidArgumentError(f"{option} applies when MODEL is a model name; {spec} is a model whose tokens "
                                    f"are fixed (convert its source again with {option} N to change them)")
     is_swin = "swin" in SOURCE_ALIASES.get(spec, spec)
     if is_swin and tokens is not None:
         raise InvalidArgumentError("--tokens is for DeiT/ViT; Swin takes --tokens-per-window (tokens per window)")
     if not is_swin and tokens_per_window is not None:
         raise InvalidArgumentError("--tokens-per-window is for Swin; use --tokens for DeiT/ViT")
+
+
+def _check_weight_options(spec: str, pretrained: bool, checkpoint: Optional[str]) -> None:
+    """Where the weights come from: a saved model has its own; a name takes one of pretrained, file or random."""
+    if checkpoint and not pretrained:
+        raise InvalidArgumentError("--checkpoint and --no-pretrained exclude each other")
+    if _is_path_like(spec):
+        if not pretrained:  # load_model(DIR, pretrained=False) would throw its weights away
+            raise InvalidArgumentError(f"--no-pretrained applies to model names only; {spec} is a saved model with "
+                                       "its own weights")
+        if checkpoint:
+            raise InvalidArgumentError(f"--checkpoint applies to model names only; {spec} is a saved model with "
+                                       "its own weights")
 
 
 def create_model_for_training(
@@ -66,14 +79,18 @@ def create_model_for_training(
     A name of a plain timm model (``deit_small``, ``swin_tiny``...) is converted on the fly to STViT with
     ``tokens`` semantic tokens (16 by default; Swin: ``tokens_per_window``, 9 by default); an ``stvit_*`` name
     is built directly. A token count for a directory or Hub model, or the wrong kind for the family, is an
-    error. ``num_classes`` resets the head when it differs from the checkpoint's. The model's provenance is
-    left in ``model.stvit_metadata``.
+    error, and so are ``pretrained=False`` or a ``checkpoint`` for a directory or Hub model (it has its own
+    weights) and ``checkpoint`` with ``pretrained=False``. ``num_classes`` resets the head when it differs
+    from the checkpoint's. The model's provenance is left in ``model.stvit_metadata``.
     """
     _check_token_options(spec, tokens, tokens_per_window)
+    _check_weight_options(spec, pretrained, checkpoint)
     try:
         model, metadata = _create_model_for_training(
             spec, tokens=tokens, tokens_per_window=tokens_per_window, pretrained=pretrained, checkpoint=checkpoint,
             num_classes=num_classes, drop_path=drop_path, model_kwargs=model_kwargs)
+    except StvitError:  # already one line about what the user gave (an unknown name, a missing file...)
+        raise
     except (AssertionError, TypeError, ValueError) as e:  # timm constructors reject bad --model-arg values so
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidArgumentError(f"cannot build {spec} with {dict(model_kwargs or {})}: {msg}") from None
@@ -92,10 +109,8 @@ def _create_model_for_training(spec: str, *, tokens: Optional[int], tokens_per_w
         kwargs["num_classes"] = num_classes
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    if _is_path_like(spec):
-        if checkpoint:
-            raise InvalidArgumentError("--checkpoint applies to model names only; a model directory has weights")
-        return load_model(spec, pretrained=pretrained, **kwargs), _recorded_metadata(spec)
+    if _is_path_like(spec):  # its own weights (_check_weight_options refused any others)
+        return load_model(spec, **kwargs), _recorded_metadata(spec)
     if spec.startswith("stvit_"):
         tokens_arg = "semantic_tokens_per_window" if tokens_per_window is not None else "num_semantic_tokens"
         if tokens is not None or tokens_per_window is not None:
@@ -153,7 +168,8 @@ def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[s
     if not (spec.startswith("stvit_") or _is_path_like(spec)):
         # a source name such as deit_small (aliases understood)
         return build_source_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    model = load_model(spec, pretrained=pretrained and not checkpoint, **kwargs)
+    # a saved model keeps its own weights: --no-pretrained (random weights for a name) cannot apply to it
+    model = load_model(spec, pretrained=(pretrained or _is_path_like(spec)) and not checkpoint, **kwargs)
     if checkpoint:
         _load_weights(model, checkpoint)
     return model

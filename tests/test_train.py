@@ -276,8 +276,8 @@ def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model
 def test_token_options_that_cannot_apply_are_refused(tmp_path, small_data):
     model_dir = converted_model_dir(tmp_path / "converted", tokens=4)
     for spec, kwargs, fragment in [
-        (str(model_dir), {"tokens": 36}, "--tokens applies when --model is a model name"),
-        ("hf-hub:org/model", {"tokens": 16}, "--tokens applies when --model is a model name"),
+        (str(model_dir), {"tokens": 36}, "--tokens applies when MODEL is a model name"),
+        ("hf-hub:org/model", {"tokens": 16}, "--tokens applies when MODEL is a model name"),
         (str(model_dir), {"tokens_per_window": 4}, "--tokens-per-window applies when"),
         ("swin_tiny", {"tokens": 36}, "Swin takes --tokens-per-window"),
         ("stvit_r_swin_tiny_patch4_window7_224", {"tokens": 16}, "Swin takes --tokens-per-window"),

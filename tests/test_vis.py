@@ -45,7 +45,7 @@ from stvit_core.vis import (
     visualise_images,
 )
 
-from .train_utils import cli, cli_in_process, env
+from .train_utils import assert_one_line_error, cli, cli_in_process, converted_model_dir, env, tiny_deit
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "stvit_core" / "data" / "detection_backgrounds" / "chelsea.jpg"
@@ -296,6 +296,38 @@ def test_cli_draws_the_readable_images_and_names_the_others(tmp_path):
     assert report["tokens"] == 4 and report["layer"] == 1 and report["unit"] is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         [Path(f).name for f in report["files"]] + ["contact-sheet.png"])
+
+
+def test_cli_refuses_weights_and_tokens_that_cannot_apply(tmp_path, monkeypatch):
+    """A saved model has its own weights and tokens (--no-pretrained used to draw a random model); --checkpoint
+    and --no-pretrained exclude each other; errors name what the user typed, as typed. Nothing is written."""
+    model_dir = converted_model_dir(tmp_path / "model", tokens=4)
+    weights = tmp_path / "dtiny.pth"
+    torch.save(tiny_deit().state_dict(), weights)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.onnx").write_bytes(b"onnx")  # an exported file is no model to draw
+    out = tmp_path / "out"
+    image = str(_fashion_mnist(1)[0])
+    for args, fragment in [
+        ([str(model_dir), "--no-pretrained"], f"--no-pretrained applies to model names only; {model_dir} is a saved "
+                                              "model with its own weights"),
+        ([str(model_dir), "--checkpoint", str(weights)], f"--checkpoint applies to model names only; {model_dir} is"),
+        (["deit_tiny", "--no-pretrained", "--checkpoint", str(weights)],
+         "--checkpoint and --no-pretrained exclude each other"),
+        ([str(model_dir), "--tokens", "16"], "--tokens applies when MODEL is a model name"),
+        (["t.onnx"], "Error: unknown model 't.onnx'"),
+    ]:
+        r = cli_in_process(["vis", args[0], image, "-o", str(out), *args[1:]])
+        assert_one_line_error(r, fragment)
+        assert "cannot build" not in r.stderr and r.returncode == 2
+    assert not out.exists()
+
+
+def test_help_examples_name_real_folders():
+    """The example's embedded folder exists under that exact name (class folders are lower case)."""
+    text = cli_in_process(["vis", "--help"]).stdout
+    folders = re.findall(r"stvit_core/data/\S+", text)
+    assert folders and all((ROOT / folder).is_dir() for folder in folders), folders
 
 
 def test_cli_swin_unit_and_layer(tmp_path):

@@ -27,9 +27,10 @@ from ._common import (
 @tokens_option(default_help="16 when MODEL is a name to convert")
 @tokens_per_window_option
 @click.option("--no-pretrained", is_flag=True,
-              help="Random weights for a model name (to try the command; the picture then shows no learned content).")
+              help="Random weights for a model name (to try the command; the picture then shows no learned content). "
+                   "Not with --checkpoint.")
 @click.option("--checkpoint", default=None, metavar="FILE", show_default="the name's pretrained weights",
-              help="Weights file for a model name (the source's, converted on the fly).")
+              help="Weights file for a model name (the source's, converted on the fly); not for a model directory.")
 @click.option("--layer", type=non_negative_int(), default=None, show_default="the last generator layer", metavar="N",
               help="Generator layer whose attention is drawn, from 0 (0: the pooled tokens' first look; Swin: the "
                    "local, per-window layer).")
@@ -56,7 +57,7 @@ def vis(model: str, images: Tuple[str, ...], output: str, num_semantic_tokens: O
 
     \b
     Examples:
-      stvit vis runs/fm/best stvit_core/data/fashion_mnist_subset/val/Bag --output vis --sheet
+      stvit vis runs/fm/best stvit_core/data/fashion_mnist_subset/val/bag --output vis --sheet
       stvit vis stvit-deit-s cat.jpg dog.jpg --output vis --fill mean
       stvit vis stvit-r-swin_small-w9 street.jpg --output vis --unit 0 --layer 0 --json
     """
