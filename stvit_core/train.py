@@ -117,8 +117,14 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 
 
 def resolve_config(recipe: Optional[str] = None, yaml_file: Optional[str] = None,
-                   overrides: Optional[Mapping[str, Any]] = None) -> TrainConfig:
-    """Defaults < recipe < YAML file < explicit overrides (None values in ``overrides`` are ignored)."""
+                   overrides: Optional[Mapping[str, Any]] = None,
+                   convert: Optional[Callable[[str, Any], Any]] = None) -> TrainConfig:
+    """Defaults < recipe < YAML file < explicit overrides (None values in ``overrides`` are ignored).
+
+    ``convert(key, value)`` turns each value of the YAML file (its key as written there) into the option's
+    value, raising for a bad one: ``stvit finetune`` passes each through its command-line option's own type,
+    so that the file and the flags take the same values.
+    """
     values: Dict[str, Any] = {}
     from_yaml: Dict[str, Any] = {}
     if yaml_file:
@@ -130,7 +136,7 @@ def resolve_config(recipe: Optional[str] = None, yaml_file: Optional[str] = None
             raise InvalidArgumentError(f"cannot read config file {yaml_file}: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise InvalidArgumentError(f"config file {yaml_file} must hold a mapping of option: value")
-        from_yaml = {k.replace("-", "_"): v for k, v in loaded.items()}
+        from_yaml = {str(k).replace("-", "_"): convert(str(k), v) if convert else v for k, v in loaded.items()}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     recipe = overrides.get("recipe") or recipe or from_yaml.get("recipe") or "finetune"
     if recipe not in RECIPES:

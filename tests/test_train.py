@@ -105,6 +105,94 @@ def test_config_precedence(tmp_path):
         resolve_config(None, str(yaml_file), {})
 
 
+@pytest.mark.parametrize("line, fragment", [
+    ("smoothing: 5", "smoothing: 5.0 is not in the range 0<=x<1"),
+    ("lr: -1", "lr: -1.0 is not in the range x>0"),
+    ("workers: -1", "workers: -1 is not in the range x>=0"),
+    ("drop_path: 2", "drop_path: 2.0 is not in the range 0<=x<1"),
+    ("epochs: 'abc'", "epochs: 'abc' is not a valid integer"),
+    ("epochs: 2.5", "epochs: '2.5' is not a valid integer"),  # as on the command line: no silent truncation
+    ("batch-size: true", "batch-size: 'True' is not a valid integer"),
+    ("mixup: -1", "mixup: -1.0 is not in the range x>=0"),
+    ("reprob: 3", "reprob: 3.0 is not in the range 0<=x<=1"),
+    ("amp: fp8", "amp: 'fp8' is not one of 'bf16', 'fp16'"),
+    ("model_ema: maybe", "model_ema: 'maybe' is not a valid boolean"),
+    ("epochs: null", "epochs: needs a value"),
+    ("mixup: [0.8]", "mixup: [0.8] is not a single value"),
+    ("scale_min: 0", "scale_min: 0.0 is not in the range 0<x<=1"),  # keys without a flag are checked too
+    ("sched: plateau", "sched: 'plateau' is not one of"),
+    ("opt: bogus", "opt: 'bogus' is not one of"),
+    ("model_ema_decay: 0.9", "model_ema_decay applies only with model_ema: true"),
+    ("distill-tau: 2", "distill-tau applies only with distill: soft|hard"),
+])
+def test_config_file_values_take_the_options_types_and_ranges(tmp_path, tiny_model_dir, line, fragment):
+    config = tmp_path / "c.yaml"
+    config.write_text(line + "\n")
+    r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", "fashion-mnist", "--device", "cpu",
+                        "--config", str(config), "-o", str(tmp_path / "out")])
+    assert_one_line_error(r, f"{config}: {fragment}")
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_options_that_cannot_apply_are_refused(tmp_path, tiny_model_dir):
+    """Distillation and EMA settings without --distill / --model-ema; --no-pretrained or --checkpoint for a saved
+    model (it would start from random weights); --checkpoint with --no-pretrained. Nothing runs."""
+    weights = tmp_path / "dtiny.pth"
+    torch.save(tiny_deit().state_dict(), weights)
+    common = ["-d", "fashion-mnist", "-o", str(tmp_path / "out"), "--device", "cpu"]
+    model = ["-m", str(tiny_model_dir)]
+    for args, fragment in [
+        ([*model, "--teacher", "deit_tiny"], "--teacher applies only with --distill"),
+        ([*model, "--distill-tau", "2"], "--distill-tau applies only with --distill"),
+        ([*model, "--distill-alpha", "0.3"], "--distill-alpha applies only with --distill"),
+        ([*model, "--model-ema-decay", "0.9"], "--model-ema-decay applies only with --model-ema"),
+        ([*model, "--no-model-ema", "--model-ema-decay", "0.9"], "--model-ema-decay applies only with --model-ema"),
+        ([*model, "--no-pretrained"], f"--no-pretrained applies to model names only; {tiny_model_dir} is a saved "
+                                      "model with its own weights"),
+        ([*model, "--checkpoint", str(weights)], f"--checkpoint applies to model names only; {tiny_model_dir} is"),
+        (["-m", "deit_tiny", "--no-pretrained", "--checkpoint", str(weights)],
+         "--checkpoint and --no-pretrained exclude each other"),
+    ]:
+        r = cli_in_process(["finetune", *args, *common])
+        assert_one_line_error(r, fragment)
+        assert "cannot build" not in r.stderr and r.returncode == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_saved_teacher_keeps_its_weights_with_no_pretrained(tiny_model_dir):
+    """--no-pretrained is for the student's name: a teacher directory is still loaded with its weights."""
+    from stvit_core.train_models import create_teacher
+
+    teacher = create_teacher(str(tiny_model_dir), pretrained=False)
+    expected = load_model(tiny_model_dir).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in teacher.state_dict().items())
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, small_data, tiny_model_dir):
+    bad = tmp_path / "rand.pth"
+    bad.write_bytes(bytes(range(256)) * 8)
+    r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", str(small_data), "-o", str(tmp_path / "out"),
+                        "--epochs", "1", "-b", "50", "--workers", "0", "--resume", str(bad)])
+    assert_one_line_error(r, f"cannot read {bad}: not a PyTorch checkpoint (or corrupt)")
+
+
+def test_fp16_on_cpu_with_a_config_file_autocasts_and_scales(tmp_path, small_data, tiny_model_dir):
+    """A config file's values become the options' values (YAML's string 1e-3 is the float an --lr 1e-3 gives),
+    and --amp fp16 on CPU trains with torch's CPU autocast and grad scaler (it used to be float32, unscaled)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: 1e-3\namp: fp16\nmodel_ema: yes\nmodel-ema-decay: 0.5\nclip_grad: null\nworkers: 0\n")
+    out = tmp_path / "out"
+    r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", str(small_data), "-o", str(out), "--epochs", "1",
+                        "-b", "50", "--device", "cpu", "--config", str(config), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert (recorded["lr"], recorded["amp"], recorded["model_ema"], recorded["model_ema_decay"]) == (1e-3, "fp16",
+                                                                                                       True, 0.5)
+    assert recorded["clip_grad"] is None
+    ckpt = torch.load(out / "checkpoints" / "last.pth", weights_only=True)
+    assert ckpt["scaler"] is not None and ckpt["ema"] is not None
+
+
 def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
+from click.core import ParameterSource
 
 from ._common import (
     device_option,
@@ -39,6 +41,74 @@ def _parse_model_args(values: Tuple[str, ...]) -> Dict[str, Any]:
     return args
 
 
+# Options that tune distillation or the EMA: without it they cannot apply. (flag, what turns it on, in a file)
+_DEPENDENT_OPTIONS = {
+    "teacher": ("--distill soft|hard", "distill", "distill: soft|hard"),
+    "distill_alpha": ("--distill soft|hard", "distill", "distill: soft|hard"),
+    "distill_tau": ("--distill soft|hard", "distill", "distill: soft|hard"),
+    "model_ema_decay": ("--model-ema", "model_ema", "model_ema: true"),
+}
+
+
+def _file_only_types() -> Dict[str, click.ParamType]:
+    """Types of the config keys that have no command-line option."""
+    from timm.optim import list_optimizers
+
+    return {
+        "base_batch": positive_int(), "warmup_lr": non_negative_float(),
+        "scale_min": click.FloatRange(min=0, max=1, min_open=True),
+        # timm's schedulers that step per update without a metric or extra decay settings (as train() runs them)
+        "sched": click.Choice(["cosine", "tanh", "step", "multistep", "poly", "constant"]),
+        "opt": click.Choice(list_optimizers()),
+    }
+
+
+def _config_converter(ctx: click.Context, config_file: Optional[str],
+                      given: Dict[str, str]) -> Callable[[str, Any], Any]:
+    """Each value of --config FILE through its command-line option's own click type, as if typed as a flag,
+    so that the file and the flags take the same values; ``given`` collects name -> key as written."""
+    from stvit_core.train import TrainConfig
+
+    fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+    types = {p.name.rstrip("_"): p.type for p in ctx.command.params if isinstance(p, click.Option) and p.name}
+    types = {**{k: v for k, v in types.items() if k in fields}, **_file_only_types()}
+    config_param = next(p for p in ctx.command.params if p.name == "config_file")
+
+    def convert(key: str, value: Any) -> Any:
+        name = key.replace("-", "_")
+        given[name] = key
+        if name not in types:
+            return value  # not an option: resolve_config names every unknown key
+        try:
+            if value is None:
+                if fields[name].startswith("Optional"):
+                    return None  # off / automatic, as the option's default
+                raise click.BadParameter("needs a value")
+            if isinstance(value, (list, dict)):
+                raise click.BadParameter(f"{value!r} is not a single value")
+            # as a string, as on the command line: 2.5 is not an integer and true is not a number
+            return types[name].convert(value if isinstance(value, str) else str(value), None, ctx)
+        except click.BadParameter as e:
+            raise click.BadParameter(f"{config_file}: {key}: {e.message}", ctx, config_param) from None
+
+    return convert
+
+
+def _check_dependent_options(ctx: click.Context, cfg: Any, config_file: Optional[str],
+                             from_file: Dict[str, str]) -> None:
+    """--teacher, --distill-alpha/-tau without --distill and --model-ema-decay without --model-ema: errors."""
+    from stvit_core.errors import InvalidArgumentError
+
+    for name, (needs, switch, needs_in_file) in _DEPENDENT_OPTIONS.items():
+        if getattr(cfg, switch):
+            continue
+        if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT):
+            raise InvalidArgumentError(f"--{name.replace('_', '-')} applies only with {needs}")
+        if name in from_file:
+            raise click.BadParameter(f"{config_file}: {from_file[name]} applies only with {needs_in_file}", ctx,
+                                     next(p for p in ctx.command.params if p.name == "config_file"))
+
+
 @click.command()
 @model_option("Model directory (from 'stvit convert' or a previous finetune), hf-hub:org/name, a timm name to "
               "convert on the fly (deit_tiny, deit_small_patch16_224...) or an stvit_* name.")
@@ -50,16 +120,18 @@ def _parse_model_args(values: Tuple[str, ...]) -> Dict[str, Any]:
 @tokens_per_window_option
 @click.option("--num-classes", type=positive_int(), default=None, show_default="the model's", metavar="N",
               help="Reset the head to this many classes.")
-@click.option("--no-pretrained", is_flag=True, help="Start from random weights (model names only).")
+@click.option("--no-pretrained", is_flag=True,
+              help="Start from random weights (model names only; not with --checkpoint).")
 @click.option("--checkpoint", default=None, metavar="FILE", show_default="the name's pretrained weights",
-              help="Weights file for a model name.")
+              help="Weights file for a model name (not for a model directory).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
               help="Extra model constructor argument, e.g. img_size=32 patch_size=4 (repeatable).")
 @click.option("--recipe", type=click.Choice(["finetune", "paper"]), default=None, show_default="finetune",
               help="Preset: 'finetune' (short, light) or 'paper' (the STViT/DeiT 300-epoch recipe); the defaults "
                    "below marked 'paper:' change with it.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), metavar="FILE",
-              help="YAML file of options (names as below, with underscores); command-line options win.")
+              help="YAML file of options (names as below, with underscores; same types and ranges); "
+                   "command-line options win.")
 @click.option("--epochs", type=positive_int(), default=None, show_default="30; paper: 300", metavar="N",
               help="Training epochs.")
 @click.option("--batch-size", "-b", type=positive_int(), default=None, show_default="64", metavar="N",
@@ -94,17 +166,18 @@ def _parse_model_args(values: Tuple[str, ...]) -> Dict[str, Any]:
               help="Random erasing probability.")
 @click.option("--model-ema/--no-model-ema", default=None, show_default="off",
               help="Keep an EMA of the weights (timm ModelEmaV3).")
-@click.option("--model-ema-decay", type=probability(), default=None, show_default="0.9998", help="EMA decay.")
+@click.option("--model-ema-decay", type=probability(), default=None, show_default="0.9998",
+              help="EMA decay (with --model-ema).")
 @click.option("--distill", type=click.Choice(["soft", "hard"]), default=None, show_default="off",
               help="Distil from the teacher's head output: soft KL or hard labels.")
 @click.option("--teacher", default=None, metavar="MODEL", show_default="with --distill: the source of a converted name",
-              help="Teacher model (directory, hf-hub: or name).")
+              help="Teacher model (directory, hf-hub: or name), with --distill.")
 @click.option("--distill-alpha", type=probability(), default=None, show_default="0.5",
-              help="Weight of the distillation loss.")
+              help="Weight of the distillation loss (with --distill).")
 @click.option("--distill-tau", type=positive_float(), default=None, show_default="1.0",
-              help="Temperature of soft distillation.")
+              help="Temperature of soft distillation (with --distill).")
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, show_default="off, float32",
-              help="Autocast on GPU.")
+              help="Autocast to this dtype, on GPU or CPU (fp16 adds a grad scaler).")
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the model.")
 @click.option("--workers", type=non_negative_int(), default=None, show_default="2", metavar="N",
               help="Data loader workers per process.")
@@ -144,9 +217,12 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     from stvit_core.errors import InvalidArgumentError
     from stvit_core.train_outputs import check_output_dir
 
+    ctx = click.get_current_context()
     tokens_per_window = options.pop("semantic_tokens_per_window", None)  # Swin names only
     overrides = dict(options, data=data, output=output, recipe=recipe, compile=compile_)
-    cfg = st.resolve_config(recipe, config_file, overrides)
+    from_file: Dict[str, str] = {}
+    cfg = st.resolve_config(recipe, config_file, overrides, convert=_config_converter(ctx, config_file, from_file))
+    _check_dependent_options(ctx, cfg, config_file, from_file)
     kwargs = _parse_model_args(model_args)
 
     # Fail on what can be checked before building models: device, output, head size, data folder.
