@@ -170,6 +170,9 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     logging.getLogger("timm").setLevel(logging.ERROR)
+    # torch.utils.benchmark imports cpp_extension, which warns "No CUDA runtime is found" on a CUDA build of
+    # torch without a GPU: nothing the user asked about, and it broke the one-line stderr of `stvit benchmark`
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def main() -> None:

@@ -383,11 +383,11 @@ def models_for_benchmark(
     """
     import timm
 
-    from .checkpoint import is_model_dir, load_model
+    from .checkpoint import load_model, names_a_path
     from .convert import convert_model, resolve_source_name
 
     stvit_kwargs = dict(stvit_kwargs or {})
-    if spec.startswith(("hf-hub:", "local-dir:")) or is_model_dir(spec):
+    if spec.startswith(("hf-hub:", "local-dir:")) or names_a_path(spec):
         given = sorted(k for k, v in dict(stvit_kwargs, num_semantic_tokens=num_semantic_tokens).items()
                        if v not in (None, False))
         if given:

@@ -150,6 +150,8 @@ def save_model(
 def read_config(model_dir: PathLike) -> Dict[str, Any]:
     """Read and check a model directory's config.json."""
     model_dir = Path(model_dir)
+    if not model_dir.exists():
+        raise CheckpointError(f"{model_dir} does not exist (not a model directory, hf-hub: id or model name)")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir} is not a directory")
     cfg_path = model_dir / CONFIG_NAME
@@ -166,6 +168,14 @@ def read_config(model_dir: PathLike) -> Dict[str, Any]:
 
 def is_model_dir(path: PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
+
+
+def names_a_path(spec: Union[str, PathLike]) -> bool:
+    """Whether a model spec is meant as a path (it exists, has a separator, or starts with '.') rather than a
+    model name: such a spec is loaded as a model directory, so that a folder without config.json or a missing
+    one is reported as such, never as an unknown model name."""
+    spec = str(spec)
+    return Path(spec).exists() or os.sep in spec or "/" in spec or spec.startswith(".")
 
 
 def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs: Any) -> nn.Module:
@@ -185,9 +195,8 @@ def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs:
         spec = spec[len("local-dir:"):]
     if spec.startswith("hf-hub:"):
         return _create_from_hub(spec, pretrained=pretrained, **kwargs)
-    path = Path(spec)
-    if path.exists() or os.sep in spec or spec.startswith("."):
-        return _create_from_directory(path, pretrained=pretrained, **kwargs)
+    if names_a_path(spec):
+        return _create_from_directory(Path(spec), pretrained=pretrained, **kwargs)
     if not timm.is_model(spec):
         raise InvalidArgumentError(f"unknown model {spec!r}: not a directory, 'hf-hub:' id or timm model name")
     if pretrained:

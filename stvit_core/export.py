@@ -89,9 +89,9 @@ def require_extra(extra: str, modules: Sequence[str], purpose: str) -> None:
 
 
 def _is_saved_model(spec: str) -> bool:
-    from .checkpoint import is_model_dir
+    from .checkpoint import names_a_path
 
-    return spec.startswith(("hf-hub:", "local-dir:", ".")) or os.sep in spec or is_model_dir(spec)
+    return spec.startswith(("hf-hub:", "local-dir:")) or names_a_path(spec)
 
 
 def _architecture(model: nn.Module) -> str:

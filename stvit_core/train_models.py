@@ -8,7 +8,6 @@ the model as ``model.stvit_metadata``, which :func:`stvit_core.train.train` writ
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -28,9 +27,9 @@ def architecture_of(model: nn.Module) -> str:
 
 def _is_path_like(spec: str) -> bool:
     """A model directory or hub id rather than a model name."""
-    from .checkpoint import is_model_dir
+    from .checkpoint import names_a_path
 
-    return spec.startswith(("local-dir:", "hf-hub:")) or is_model_dir(spec) or "/" in spec or os.sep in spec
+    return spec.startswith(("local-dir:", "hf-hub:")) or names_a_path(spec)
 
 
 def _check_token_options(spec: str, tokens: Optional[int], tokens_per_window: Optional[int]) -> None:

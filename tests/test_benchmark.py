@@ -38,6 +38,7 @@ def test_benchmark_pair_schema(bench):
 def test_cli_json_schema_for_a_source_name():
     proc = run_cli("benchmark", "deit_tiny", "--tokens", "16", *QUICK, "--json", check=True)
     r = json.loads(proc.stdout)
+    assert proc.stderr == ""  # e.g. no "No CUDA runtime is found" from torch.utils.cpp_extension on a CUDA build
     assert {"model", "tokens", "device", "dtype", "batch_size", "base", "stvit", "speedup", "flops_ratio"} <= set(r)
     assert r["model"] == "deit_tiny_patch16_224.fb_in1k" and r["tokens"] == 16
     assert r["device"] == "cpu" and r["dtype"] == "float32" and r["batch_size"] == 2

@@ -512,3 +512,21 @@ def test_finetune_shows_the_trainer_defaults_and_what_the_paper_recipe_changes()
             assert _shown_value(paper) == (float(in_paper) if isinstance(in_paper, (int, float)) else in_paper)
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("command", [["predict", "{m}", "{img}"], ["export", "{m}", "-o", "x.onnx"],
+                                     ["benchmark", "{m}", "--rounds", "1"], ["vis", "{m}", "{img}", "-o", "v"],
+                                     ["eval", "folder", "-m", "{m}", *FM]],
+                         ids=lambda c: c[0])
+def test_a_folder_named_without_a_separator_is_reported_as_a_model_directory(command, inputs, tmp_path, monkeypatch):
+    """`stvit predict m2 ...` where ./m2 has no config.json (or does not exist, spelled `m3/`) says so, whatever
+    the command: not 'unknown model' (exit 2) for some commands and 'not a model directory' (1) for others."""
+    (tmp_path / "m2").mkdir()
+    (tmp_path / "m2" / "model.safetensors").write_bytes(b"weights without their config.json")
+    monkeypatch.chdir(tmp_path)
+    for spec, fragment in (("m2", "m2 is not a model directory: config.json is missing"), ("m3/", "m3 does not exist")):
+        before = _tree(tmp_path)
+        result = CliRunner().invoke(cli, [a.format(m=spec, **inputs) for a in command], prog_name="stvit")
+        lines = result.stderr.splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and fragment in lines[0], (result.exit_code, result.stderr)
+        assert _tree(tmp_path) == before
