@@ -388,8 +388,8 @@ def models_for_benchmark(
 
     stvit_kwargs = dict(stvit_kwargs or {})
     if spec.startswith(("hf-hub:", "local-dir:")) or names_a_path(spec):
-        given = sorted(k for k, v in dict(stvit_kwargs, num_semantic_tokens=num_semantic_tokens).items()
-                       if v not in (None, False))
+        given = sorted(f"{k}={v}" for k, v in dict(stvit_kwargs, num_semantic_tokens=num_semantic_tokens).items()
+                       if v not in (None, False))  # name=value: the CLI shows it as the option typed
         if given:
             raise InvalidArgumentError(f"{', '.join(given)} cannot apply to a saved model ({spec}): it is timed "
                                        "as it was converted")

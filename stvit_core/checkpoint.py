@@ -55,11 +55,14 @@ def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[P
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} exists and is not a directory")
     parent = output_dir.parent if str(output_dir.parent) else Path(".")
+    blocking_file = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocking_file is not None:
+        raise StvitError(f"cannot write {output_dir}: {blocking_file} is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise StvitError(f"cannot write {parent}: {e.strerror or e}") from None
+    except OSError as e:  # name the output the user gave, not the folder its temporary sibling was made in
+        raise StvitError(f"cannot write {output_dir}: {e.strerror or e}") from None
     try:
         yield tmp
         umask = _umask()

@@ -58,11 +58,17 @@ def resolve_data_root(spec: PathLike) -> Path:
     return Path(spec)
 
 
+def _require_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file: the data is a folder of class folders (or a root with train/ and val/)")
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
+
+
 def split_folder(root: PathLike, split: str) -> Path:
     """The folder of ``split`` ('train' or 'val') under ``root``; ``root`` itself if it has class folders only."""
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder not found: {root}")
+    _require_folder(root)
     names = _TRAIN_NAMES if split in _TRAIN_NAMES else _EVAL_NAMES
     for name in (split, *names):
         if (root / name).is_dir():
@@ -80,8 +86,7 @@ def folder_classes(folder: PathLike) -> List[str]:
     from timm.utils import natural_key
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder not found: {folder}")
+    _require_folder(folder)
     names = sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
     if not names:
         raise DataError(f"{folder} is empty: expected one sub-folder of images per class")

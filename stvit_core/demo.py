@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import atomic_write_bytes, save_model
-from .errors import InvalidArgumentError, OutputExistsError, StvitError, describe_os_error
+from .errors import InvalidArgumentError, OutputExistsError, StvitError, TrainingInterrupted
 
 DEMO_SOURCE_NAME = "deit_tiny_patch16_224"
 DEMO_SOURCE = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
@@ -30,8 +30,8 @@ def _prepare_output(output: Path, force: bool) -> None:
         raise OutputExistsError(f"{output} already exists (use --force to overwrite)")
     try:
         output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StvitError(describe_os_error(e)) from None
+    except OSError as e:  # a mkdir: always a write (describe_os_error would call a missing name a read)
+        raise StvitError(f"cannot write {output}: {e.strerror or e}") from None
 
 
 def _convert(num_semantic_tokens: Optional[int], seed: int):
@@ -104,8 +104,12 @@ def run_demo(
     ))
     log(f"[2/4] fine-tuning {epochs} epochs on {data.name} (2000 images, 10 classes)...")
     stvit.stvit_metadata = metadata  # carried into best/config.json, so the card shows source and GFLOPs
-    trained = train(cfg, stvit, force=True, on_epoch_end=lambda row: log(
-        f"      epoch {row['epoch']}: loss {row['train_loss']:.3f}, val top-1 {row['top1']:.1f}%"))
+    try:
+        trained = train(cfg, stvit, force=True, on_epoch_end=lambda row: log(
+            f"      epoch {row['epoch']}: loss {row['train_loss']:.3f}, val top-1 {row['top1']:.1f}%"))
+    except TrainingInterrupted:  # train() points at --resume, which the demo does not have
+        raise TrainingInterrupted(f"interrupted while fine-tuning; the demo starts over when run again (with --force "
+                                  f"to replace {output})") from None
     best = Path(trained["output"]) / "best"
 
     result = evaluate_model(str(best), str(data), imagenet=False, batch_size=100, workers=0)

@@ -179,7 +179,7 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
      FAILED, ("already an STViT model",), ()),
     # -- convert: outputs
     ("convert-output-under-a-file", ["convert", "deit_tiny", "--no-pretrained", "-o", "{in}/blocker/c"],
-     FAILED, ("cannot write", "blocker"), ()),
+     FAILED, ("cannot write", "blocker/c", "blocker is a file, not a folder"), ()),
     ("convert-output-not-writable", ["convert", "deit_tiny", "--no-pretrained", "-o", "/sys/stvit-contract/c"],
      FAILED, ("cannot write /sys",), ()),
     ("convert-output-exists", ["convert", "deit_tiny", "--no-pretrained", "-o", "{in}/nonempty"],
@@ -210,6 +210,8 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("benchmark-tokens-15", [*BENCH, "--tokens", "15"], INVALID, ("--tokens must be a perfect square",), ()),
     ("benchmark-saved-model-with-tokens", ["benchmark", "{model}", "--tokens", "36"], INVALID,
      ("--tokens", "saved model"), ()),
+    ("benchmark-saved-model-with-recovery", ["benchmark", "{model}", "--recovery"], INVALID,
+     ("--recovery cannot apply to a saved model",), ()),
     ("benchmark-unknown-model", ["benchmark", "not_a_model"], INVALID, ("unknown model",), ()),
     ("benchmark-hub-offline", ["benchmark", "hf-hub:alice/nothing-here"], FAILED, ("offline mode is on",), ()),
     # -- demo
@@ -269,6 +271,7 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("eval-results-file-under-a-file", [*EVAL, "--results-file", "{in}/blocker/r.csv"], FAILED,
      ("is a file, not a folder",), ()),
     ("eval-force-without-results-file", [*EVAL, "--force"], INVALID, ("--force applies to --results-file",), ()),
+    ("eval-data-is-a-file", ["eval", "folder", "-m", "{model}", "-d", "{img}"], FAILED, ("is a file",), ()),
     ("eval-unknown-subcommand", ["eval", "cifar"], USAGE, ("No such command",), ()),
     # -- vis
     ("vis-not-an-stvit-model", ["vis", "{in}/plain-deit", "{in}/image.png", "-o", "{out}/vis"], INVALID,

@@ -33,3 +33,27 @@ def test_demo_runs_end_to_end(tmp_path):
 def test_demo_refuses_a_non_empty_output(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     assert_one_line_error(run_cli("demo", "--output", tmp_path), "already exists", "--force")
+
+
+@pytest.mark.slow
+def test_an_interrupted_demo_says_to_run_it_again_not_to_resume(tmp_path):
+    """train() says 'continue with --resume FILE', an option the demo does not have."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import cli_env
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen([sys.executable, "-m", "stvit_cli", "demo", "--output", str(out), "--epochs", "3"],
+                            env=cli_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "finetune" / "config.yaml").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and "--resume" not in stderr, stderr
+    assert "run again" in lines[0] and "--force" in lines[0], lines
