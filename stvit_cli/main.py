@@ -70,6 +70,9 @@ class StvitGroup(RecordingGroup):
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:  # click would print usage + hint + message: three lines
+            if type(e).__name__ == "NoArgsIsHelpError":  # `stvit` or `stvit eval` alone asks for the help
+                click.echo(e.format_message())
+                sys.exit(0)
             click.echo(f"Error: {_usage_line(e)}", err=True)
             sys.exit(e.exit_code)
         except click.Abort:

@@ -90,6 +90,8 @@ def build_source_model(
     from .hub import require_pretrained_weights
 
     name = resolve_source_name(name)
+    if "img_size" in kwargs:
+        _check_img_size(name, kwargs)
     if checkpoint is not None:
         return _source_from_checkpoint(name, checkpoint, **kwargs)
     if pretrained:
@@ -100,6 +102,19 @@ def build_source_model(
         except Exception as e:
             raise DownloadError(f"cannot download pretrained weights for {name} ({first_line(e)}){hint}") from None
     return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _check_img_size(name: str, kwargs: Dict[str, Any]) -> None:
+    """An image size that is not a whole number of patches: timm's patch embedding would drop the remainder."""
+    import timm
+
+    with torch.device("meta"):  # the layout only, before any download
+        patch = tuple(timm.create_model(name, pretrained=False, **kwargs).patch_embed.patch_size)
+    size = kwargs["img_size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if any(s % p for s, p in zip(size, patch)):
+        raise InvalidArgumentError(f"img_size={size[0] if size[0] == size[1] else size} is not a multiple of "
+                                   f"{name}'s {patch[0]}-pixel patches: the last pixels would be dropped")
 
 
 def _source_from_checkpoint(name: str, checkpoint: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:

@@ -57,7 +57,9 @@ def find_images(paths: Sequence[PathLike]) -> Tuple[List[Path], List[Dict[str, s
     errors: List[Dict[str, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in extensions]
+            # a broken symlink is listed too, so that it is reported as unreadable rather than skipped unsaid
+            found = [p for p in path.rglob("*") if p.suffix.lower() in extensions
+                     and (p.is_file() or (p.is_symlink() and not p.exists()))]
             if not found:
                 errors.append({"image": str(path), "error": f"no images in {path} ({', '.join(sorted(extensions))})"})
             images.extend(sorted(found, key=lambda p: natural_key(str(p.relative_to(path)))))

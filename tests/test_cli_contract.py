@@ -182,6 +182,8 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
      FAILED, ("cannot write", "blocker/c", "blocker is a file, not a folder"), ()),
     ("convert-output-not-writable", ["convert", "deit_tiny", "--no-pretrained", "-o", "/sys/stvit-contract/c"],
      FAILED, ("cannot write /sys",), ()),
+    ("convert-img-size-not-a-multiple-of-the-patch", [*CONVERT, "--img-size", "40"], INVALID,
+     ("--img-size 40 is not a multiple", "16-pixel patches"), ()),
     ("convert-output-exists", ["convert", "deit_tiny", "--no-pretrained", "-o", "{in}/nonempty"],
      FAILED, ("already exists", "--force"), ()),
     ("convert-offline", ["convert", "deit_tiny", "-o", "{out}/c"], FAILED,
@@ -347,6 +349,8 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
      FAILED, ("out of memory", "smaller batch size"), ()),
     # -- export
     ("export-unknown-format", [*EXPORT, "--format", "tflite"], USAGE, ("--format", "tflite"), ()),
+    ("export-pt2-named-onnx", [*EXPORT, "--format", "pt2"], INVALID, ("--format pt2 writes a .pt2 file",), ()),
+    ("export-onnx-named-pt2", ["export", "{model}", "-o", "{out}/m.pt2"], INVALID, ("writes a .onnx file",), ()),
     ("export-missing-output", ["export", "{model}"], USAGE, ("Missing option", "--output"), ()),
     ("export-output-exists", ["export", "{model}", "-o", "{in}/existing.onnx"], FAILED, ("already exists", "--force"),
      ()),
@@ -481,6 +485,18 @@ def test_usage_errors_are_one_line_with_exit_code_2_in_a_real_process(tmp_path):
     assert proc.stderr.splitlines() == [
         "Error: Invalid value for '--rounds': 0 is not in the range x>=1. (see 'stvit benchmark --help')"]
     assert proc.stdout == "" and os.listdir(tmp_path) == []
+
+
+def test_the_bare_command_prints_its_help(tmp_path):
+    """`stvit` (or `stvit eval`) alone asks for the help: click raises it as a usage error, which used to come out
+    as the whole help squeezed into one 'Error:' line with exit code 2."""
+    from .conftest import run_cli
+
+    for args in ((), ("eval",)):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+        assert proc.stdout.startswith(f"Usage: stvit {' '.join(args)}".rstrip() + " [OPTIONS] COMMAND")
+        assert "Commands:" in proc.stdout and "\n" in proc.stdout.strip()
 
 
 def _shown_value(text: str):

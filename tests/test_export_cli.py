@@ -316,3 +316,17 @@ def test_an_opset_the_exporter_cannot_write_is_one_line_and_no_file(stvit_dir, t
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write ONNX opset {opset}"), result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_symlink_in_an_image_folder_is_reported_not_skipped(tmp_path):
+    from stvit_core.errors import DataError
+    from stvit_core.predict import find_images, read_image
+
+    image = next(iter(sorted((embedded_dataset_path() / "val" / "coat").iterdir())))
+    (tmp_path / "a.png").write_bytes(image.read_bytes())
+    (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+    images, errors = find_images([tmp_path])
+    assert [p.name for p in images] == ["a.png", "b.png"] and errors == []
+    read_image(images[0])
+    with pytest.raises(DataError, match="b.png"):
+        read_image(images[1])

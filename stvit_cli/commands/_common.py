@@ -76,21 +76,30 @@ def tokens_option(param_name: str = "num_semantic_tokens", default_help: str = "
                              "than the number of patches. Not for Swin (use --tokens-per-window).")
 
 
-def tokens_per_window_option(func: F) -> F:
+def tokens_per_window_option(func: F, default_help: str = "9, as released") -> F:
     """``--tokens-per-window N`` (Swin). None when not given, so that a DeiT/ViT model can refuse it."""
     return click.option("--tokens-per-window", "semantic_tokens_per_window", cls=LibraryOption,
                         library_name="semantic_tokens_per_window", type=click.IntRange(min=1), default=None,
-                        show_default="9, as released", metavar="N",
+                        show_default=default_help, metavar="N",
                         help="Semantic tokens per 7x7 window of an STViT-R-Swin: 4, 9 or 16. Not for DeiT/ViT "
                              "(use --tokens).")(func)
 
 
-def source_model_options(func: F) -> F:
-    """MODEL and how to convert it: ``--tokens`` (DeiT/ViT), ``--tokens-per-window`` (Swin), ``--recovery``."""
+def source_model_options(func: Optional[F] = None, *, bare_source_names: bool = True) -> Any:
+    """MODEL and how to convert it: ``--tokens`` (DeiT/ViT), ``--tokens-per-window`` (Swin), ``--recovery``.
+
+    ``bare_source_names=False``: the command takes STViT models only, so a source name is converted only when
+    one of these options says how, and the options show no default (export, predict).
+    """
+    if func is None:
+        return lambda f: source_model_options(f, bare_source_names=bare_source_names)
     func = click.option("--recovery", is_flag=True,
                         help="DeiT/ViT: STViT-R (dumbbell units that keep the 14x14 map, for dense tasks) "
                              "instead of STViT.")(func)
-    return model_argument(tokens_option()(tokens_per_window_option(func)))
+    if bare_source_names:
+        return model_argument(tokens_option()(tokens_per_window_option(func)))
+    needed = "none: a source name needs --tokens, --tokens-per-window or --recovery"
+    return model_argument(tokens_option(default_help=needed)(tokens_per_window_option(func, default_help=needed)))
 
 
 def positive_int(**kwargs: Any) -> click.IntRange:

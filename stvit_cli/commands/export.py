@@ -11,7 +11,7 @@ from ._common import LibraryOption, echo_json, json_option, positive_int, source
 
 
 @click.command()
-@source_model_options
+@source_model_options(bare_source_names=False)
 @click.option("--format", "format_", type=click.Choice(["onnx", "pt2"]), default="onnx", show_default=True,
               help="onnx (torch.onnx.export, dynamo exporter; needs pip install 'stvit[export]') or pt2 "
                    "(torch.export.save).")
@@ -62,6 +62,8 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
         raise InvalidArgumentError("--batch-size and --dynamic-batch exclude each other")
     if opset is not None and format_ != "onnx":
         raise InvalidArgumentError(f"--opset applies to ONNX only, not --format {format_}")
+    if output.suffix.lower() in (".onnx", ".pt2") and output.suffix.lower() != f".{format_}":
+        raise InvalidArgumentError(f"--format {format_} writes a .{format_} file, not {output.name}")
     if format_ == "onnx":
         require_extra("export", ONNX_MODULES, "ONNX export")
     check_output_path(output, force=force)  # before the model is built: an existing or unwritable output fails now

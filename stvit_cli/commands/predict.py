@@ -10,7 +10,7 @@ from ._common import device_option, echo_json, json_option, positive_int, source
 
 
 @click.command()
-@source_model_options
+@source_model_options(bare_source_names=False)
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
 @click.option("--top-k", "-k", type=positive_int(), default=None, show_default="5, or every class if fewer",
               metavar="K", help="Classes shown per image (at most the model's number of classes).")
