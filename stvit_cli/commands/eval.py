@@ -20,7 +20,7 @@ def _common_options(func):
         click.option("--workers", type=non_negative_int(), default=2, show_default=True, metavar="N",
                      help="Data loader workers."),
         click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None, show_default="off, float32",
-                     help="Autocast on GPU."),
+                     help="Autocast to this dtype, on GPU or CPU."),
         json_option,
         click.option("--results-file", default=None, type=click.Path(dir_okay=False), metavar="FILE",
                      help="Also write the results to a .csv or .json file; it must not exist unless --force."),
