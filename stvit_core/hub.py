@@ -9,7 +9,8 @@ so authentication, retries, LFS and caching behave exactly as for any other Hub 
   Hub, a mirror, the tests' loopback server) xet storage is turned off, because xet only works against
   huggingface.co;
 * offline: every download first passes :func:`require_hub`, which fails at once, in one line, when offline
-  mode is on or the endpoint is unreachable (huggingface_hub alone retries for about 45 s).
+  mode is on or the endpoint is unreachable (huggingface_hub alone retries for about 45 s); ``pull`` then
+  uses the copy in the local cache when there is one.
 
 Tokens never leave this module in a result, a model card or an error message: every error is turned
 into a one-line :class:`HubError` with the token scrubbed out.
@@ -23,7 +24,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
@@ -77,6 +80,7 @@ class PullResult:
     architecture: str
     num_params: int
     files: List[str] = field(default_factory=list)
+    from_cache: bool = False  # offline or Hub unreachable: the copy in the local cache, the Hub was not asked
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -115,7 +119,11 @@ def resolve_token(token: Optional[str] = None) -> Optional[str]:
         return token
     from huggingface_hub import get_token
 
-    return get_token()
+    try:
+        return get_token()
+    except OSError as e:  # HF_HOME is a file, or the saved login is unreadable: there is no usable saved login
+        _logger.debug("no saved Hugging Face login: %s", e)
+        return None
 
 
 def scrub(text: str, token: Optional[str] = None) -> str:
@@ -147,14 +155,34 @@ def require_hub(what: str, *, endpoint: Optional[str] = None, hint: str = "") ->
     from huggingface_hub import constants
 
     endpoint = resolve_endpoint(endpoint)
-    if constants.HF_HUB_OFFLINE:
-        raise DownloadError(f"cannot download {what}: offline mode is on (HF_HUB_OFFLINE=1) and it is not in the "
-                            f"local cache{hint}")
-    if not endpoint_reachable(endpoint):
-        raise DownloadError(f"cannot download {what}: cannot connect to {endpoint}, the Hub is unreachable "
-                            f"(offline? check HF_ENDPOINT){hint}")
+    reason = _hub_unusable(endpoint)
+    if reason:
+        not_cached = " and it is not in the local cache" if constants.HF_HUB_OFFLINE else ""
+        raise DownloadError(f"cannot download {what}: {reason}{not_cached}{hint}")
     disable_xet_unless_huggingface(endpoint)
     return endpoint
+
+
+def _hub_unusable(endpoint: str) -> Optional[str]:
+    """Why the Hub cannot be used now (offline mode, endpoint unreachable), or None when it can."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE=1)"
+    if not endpoint_reachable(endpoint):
+        return f"cannot connect to {endpoint}, the Hub is unreachable (offline? check HF_ENDPOINT)"
+    return None
+
+
+def validate_repo_id(repo_id: str) -> None:
+    """InvalidArgumentError for a malformed repo id, by huggingface_hub's own rules, before any cache or network."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hf_validate
+
+    try:
+        hf_validate(repo_id)
+    except HFValidationError as e:
+        raise InvalidArgumentError(f"invalid repo id: {first_line(e)}") from None
 
 
 def require_hub_files(repo_id: str, needed: Sequence[Sequence[str]], *, revision: Optional[str] = None,
@@ -590,6 +618,37 @@ def split_repo_spec(spec: str, revision: Optional[str] = None) -> "tuple[str, Op
     return repo_id, revision
 
 
+def _cached_snapshot(repo_id: str, revision: Optional[str], reason: str) -> Path:
+    """The snapshot of ``repo_id@revision`` in the local cache (huggingface_hub's own lookup, as for offline
+    ``hf-hub:`` loads), for when the Hub cannot be used for ``reason``; one-line DownloadError when there is none."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    what = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except IncompleteSnapshotError:
+        raise DownloadError(f"cannot download {what}: {reason} and its copy in the local cache is incomplete "
+                            "(files are missing)") from None
+    except LocalEntryNotFoundError:
+        raise DownloadError(f"cannot download {what}: {reason} and it is not in the local cache") from None
+
+
+def _require_writable_cache() -> None:
+    """Fail in one line when the Hugging Face cache cannot be written: huggingface_hub would log several
+    "Ignored error while writing..." lines and then fail on the first download."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):
+            pass
+    except OSError as e:
+        raise StvitError(f"cannot write the Hugging Face cache {cache}: {e.strerror or first_line(e)} (set HF_HOME "
+                         "or HF_HUB_CACHE to a writable folder, or pull with --output DIR)") from None
+
+
 def pull_from_hub(
     repo_id: str,
     *,
@@ -602,13 +661,14 @@ def pull_from_hub(
     """Download a model repo into ``output_dir`` (or the Hugging Face cache) and check that it loads.
 
     With ``output_dir`` the files are downloaded next to it under a temporary name and renamed into place
-    only once the model has loaded, so a failed pull never leaves a half-written directory.
+    only once the model has loaded, so a failed pull never leaves a half-written directory. Offline
+    (``HF_HUB_OFFLINE=1``) or with the Hub unreachable, the copy in the local cache is used (``from_cache``),
+    and it is an error when there is none.
     """
     from huggingface_hub import HfApi, snapshot_download
 
-    endpoint = require_hub(repo_id, endpoint=endpoint)
-    token = resolve_token(token)
-    kwargs = dict(repo_id=repo_id, endpoint=endpoint, token=token or False)
+    validate_repo_id(repo_id)
+    endpoint = resolve_endpoint(endpoint)
 
     def verify(path: Path) -> Any:
         if not (path / CONFIG_NAME).is_file():
@@ -618,19 +678,33 @@ def pull_from_hub(
         except StvitError as e:
             raise CheckpointError(f"{repo_id} was downloaded but does not load: {e}") from None
 
-    with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
-        commit = HfApi(endpoint=endpoint, token=token or False).model_info(repo_id, revision=revision).sha
+    unusable = _hub_unusable(endpoint)
+    cached = _cached_snapshot(repo_id, revision, unusable) if unusable else None
+    commit = cached.name if cached else None  # the snapshot folder is named after its commit
+    if cached is None and output_dir is None:
+        _require_writable_cache()
+    token = resolve_token(token)
+    kwargs = dict(repo_id=repo_id, endpoint=endpoint, token=token or False)
+    if cached is None:
+        disable_xet_unless_huggingface(endpoint)
+        with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
+            commit = HfApi(endpoint=endpoint, token=token or False).model_info(repo_id, revision=revision).sha
     if output_dir is not None:
         final = Path(output_dir)
         with atomic_directory(final, force=force) as tmp:
-            with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
-                snapshot_download(local_dir=str(tmp), revision=commit, **kwargs)  # exactly the commit reported
+            if cached is not None:  # the cache holds symlinks to blobs: copy the files themselves
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            else:
+                with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
+                    snapshot_download(local_dir=str(tmp), revision=commit, **kwargs)  # exactly the commit reported
             model = verify(tmp)
         path = final
     else:
-        # by name, so that the cache records the branch for later (offline) hf-hub: loads
-        with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
-            path = Path(snapshot_download(revision=revision, **kwargs))
+        path = cached
+        if path is None:
+            # by name, so that the cache records the branch for later (offline) hf-hub: loads
+            with _hub_errors("pull", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
+                path = Path(snapshot_download(revision=revision, **kwargs))
         model = verify(path)
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts)
     return PullResult(
@@ -642,4 +716,5 @@ def pull_from_hub(
         architecture=read_config(path)["architecture"],
         num_params=sum(p.numel() for p in model.parameters()),
         files=files,
+        from_cache=cached is not None,
     )

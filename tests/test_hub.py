@@ -262,3 +262,37 @@ def test_upload_dropped_until_retries_run_out_is_a_clear_error(hub_server, tmp_p
     assert "\n" not in str(err.value) and ALICE_TOKEN not in str(err.value)
     assert hub_server.state.drop_uploads == 98  # the first try and one retry
     assert len(hub_server.state.commits_received) == 0  # nothing half-committed
+
+
+def test_pull_offline_or_unreachable_takes_the_cached_snapshot(hub_server, tmp_path, monkeypatch):
+    """The cache is what `hf-hub:` loads use offline; pull uses it too, also into --output, and says so."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from stvit_core.errors import DownloadError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not the user's cache
+    model_dir = make_tiny_model(tmp_path / "m")
+    pushed = push_to_hub(model_dir, "alice/offline", token=ALICE_TOKEN, endpoint=hub_server.url)
+    online = pull_from_hub("alice/offline", endpoint=hub_server.url)
+    assert not online.from_cache and online.commit_oid == pushed.commit_oid
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    requests_before = len(hub_server.state.requests)
+    copy = pull_from_hub("alice/offline", output_dir=tmp_path / "out", endpoint=hub_server.url)
+    assert copy.from_cache and copy.commit_oid == pushed.commit_oid
+    assert not (tmp_path / "out" / "model.safetensors").is_symlink()  # the files, not links into the cache
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    assert len(hub_server.state.requests) == requests_before
+    with pytest.raises(DownloadError, match=r"alice/offline@v2: offline mode is on .* not in the local cache"):
+        pull_from_hub("alice/offline", revision="v2", endpoint=hub_server.url)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cached = pull_from_hub("alice/offline", endpoint=dead)
+    assert cached.from_cache and cached.path == online.path and cached.commit_oid == pushed.commit_oid
+    with pytest.raises(DownloadError, match=f"cannot connect to {dead}, the Hub is unreachable"):
+        pull_from_hub("alice/elsewhere", endpoint=dead)

@@ -269,3 +269,46 @@ def test_other_commands_take_hf_hub_specs_with_a_revision(hub_server, tiny_model
     result = json.loads(proc.stdout)
     assert result["stvit_model"] == "stvit_deit_tiny_patch16_224" and result["tokens"] == 4
     assert ("GET", "/alice/bench/resolve/dev/config.json") in hub_server.state.requests
+
+
+# --- offline pulls, refused pushes, no-op pushes ---------------------------------------------------------
+def test_pull_offline_uses_the_cache_and_checks_the_repo_id_first(hub_server, tiny_model_dir, tmp_path):
+    """HF_HUB_OFFLINE=1: a model pulled before comes from the HF_HOME cache (as `hf-hub:` loads do), without
+    asking the Hub; one that is not cached, or a malformed repo id, is a one-line error."""
+    push_in_process(hub_server, tiny_model_dir, "alice/cached")
+    online = run_cli(["pull", "alice/cached", "--json"], hub_env(hub_server.url, tmp_path / "home"))
+    assert online.returncode == 0, online.stderr
+    first = json.loads(online.stdout)
+    assert first["from_cache"] is False
+
+    offline_env = {**hub_env(hub_server.url, tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    requests_before = len(hub_server.state.requests)
+    offline = run_cli(["pull", "alice/cached"], offline_env)
+    assert offline.returncode == 0, offline.stderr
+    assert offline.stderr == ""
+    assert f"Pulled alice/cached@main (commit {first['commit_oid'][:12]}) from the local cache (offline) " \
+           f"to {first['path']}" in offline.stdout
+    assert "loads OK" in offline.stdout
+    assert len(hub_server.state.requests) == requests_before  # the Hub was not asked
+
+    not_cached = run_cli(["pull", "alice/cached@dev"], offline_env)
+    assert_one_line_error(not_cached, "alice/cached@dev", "offline mode is on", "not in the local cache")
+    bad_id = run_cli(["pull", "bad id"], offline_env)
+    assert bad_id.returncode == 2
+    assert_one_line_error(bad_id, "invalid repo id", "'bad id'")
+
+
+def test_unwritable_hf_home_is_one_line(hub_server, tiny_model_dir, tmp_path):
+    """HF_HOME a regular file: one Error line, not huggingface_hub's "Ignored error while writing..." first."""
+    push_in_process(hub_server, tiny_model_dir, "alice/nowhere")
+    not_a_dir = tmp_path / "hf-home-file"
+    not_a_dir.write_text("")
+    env = {**hub_env(hub_server.url, tmp_path / "h"), "HF_HOME": str(not_a_dir)}  # no HF_TOKEN: no saved login
+    proc = run_cli(["pull", "alice/nowhere"], env)
+    error = assert_one_line_error(proc, "cannot write the Hugging Face cache", str(not_a_dir / "hub"), "HF_HOME")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [error]
+    # --output does not need the cache (nor a saved login, for a public repo)
+    into_dir = run_cli(["pull", "alice/nowhere", "--output", str(tmp_path / "out")], env)
+    assert into_dir.returncode == 0, into_dir.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()

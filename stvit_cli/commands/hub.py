@@ -80,7 +80,8 @@ def pull(repo_id: str, revision: Optional[str], output: Optional[str], force: bo
     """Download the model repo REPO_ID and check that it loads.
 
     REPO_ID may carry a revision as REPO_ID@REV. Without --output the files go to the Hugging Face
-    cache (HF_HOME / HF_HUB_CACHE), where `timm.create_model('hf-hub:REPO_ID')` finds them.
+    cache (HF_HOME / HF_HUB_CACHE), where `timm.create_model('hf-hub:REPO_ID')` finds them. Offline
+    (HF_HUB_OFFLINE=1) or with the Hub unreachable, the copy already in that cache is used.
 
     \b
     Examples:
@@ -97,5 +98,6 @@ def pull(repo_id: str, revision: Optional[str], output: Optional[str], force: bo
         echo_json(result.to_dict())
         return
     commit = f" (commit {result.commit_oid[:12]})" if result.commit_oid else ""
-    click.echo(f"Pulled {result.repo_id}@{result.revision}{commit} to {result.path}")
+    source = " from the local cache (offline)" if result.from_cache else ""
+    click.echo(f"Pulled {result.repo_id}@{result.revision}{commit}{source} to {result.path}")
     click.echo(f"{result.architecture}: {result.num_params / 1e6:.2f}M parameters, loads OK")
