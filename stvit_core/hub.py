@@ -260,7 +260,10 @@ def _describe(e: BaseException, *, repo_id: str, revision: Optional[str], endpoi
     if status == 403:
         return f"permission denied (HTTP 403): the token cannot write to {repo_id}"
     if status is not None:
-        return f"the Hub refused the request (HTTP {status}): {first_line(e)}"
+        # huggingface_hub's own first line can be a bare "Bad request:"; the server's text says what was wrong
+        server = next((m for m in (getattr(x, "server_message", None) for x in chain) if m), None)
+        detail = first_line(server) if server else first_line(e).rstrip(":")
+        return f"the Hub refused the request (HTTP {status}): {detail or 'no reason given'}"
     if find(hf.HTTPError, ConnectionError):  # no answer at all: the client's retries ran out
         return f"the connection to {endpoint} was dropped and retries did not help: {first_line(chain[-1])}"
     return f"{type(e).__name__}: {first_line(e)}"

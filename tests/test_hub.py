@@ -296,3 +296,12 @@ def test_pull_offline_or_unreachable_takes_the_cached_snapshot(hub_server, tmp_p
     assert cached.from_cache and cached.path == online.path and cached.commit_oid == pushed.commit_oid
     with pytest.raises(DownloadError, match=f"cannot connect to {dead}, the Hub is unreachable"):
         pull_from_hub("alice/elsewhere", endpoint=dead)
+
+
+def test_a_refused_revision_name_gives_the_servers_reason(hub_server, tmp_path):
+    """huggingface_hub's own first line for a 400 is a bare "Bad request:"; the server's text follows it."""
+    with pytest.raises(HubError, match=r"push failed: the Hub refused the request \(HTTP 400\): "
+                                       r"Invalid branch name bad rev name\.\.$"):
+        push_to_hub(make_tiny_model(tmp_path / "m"), "alice/revs", token=ALICE_TOKEN, endpoint=hub_server.url,
+                    revision="bad rev name..")
+    assert hub_server.state.commits_received == []
