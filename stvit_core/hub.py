@@ -533,6 +533,14 @@ def _check_model_dir(model_dir: Path) -> Dict[str, Any]:
     return cfg
 
 
+def _check_model_loads(model_dir: Path) -> None:
+    """Never upload a model that does not load (truncated weights, config and weights that disagree...)."""
+    try:
+        load_model(model_dir)
+    except StvitError as e:
+        raise CheckpointError(f"refusing to push, the model does not load: {e}") from None
+
+
 def _refuse_token_in_files(paths: List[Path], card: str, token: Optional[str]) -> None:
     """Never publish the token: stop if it was written into a file that is about to be uploaded."""
     if not token:
@@ -568,8 +576,10 @@ def push_to_hub(
 
     model_dir = Path(model_dir)
     cfg = _check_model_dir(model_dir)
+    validate_repo_id(repo_id)
     if create_pr and revision not in (None, "main"):
         raise InvalidArgumentError("--create-pr opens a pull request against main; do not combine it with --revision")
+    _check_model_loads(model_dir)
     endpoint = resolve_endpoint(endpoint)
     disable_xet_unless_huggingface(endpoint)
     token = resolve_token(token)

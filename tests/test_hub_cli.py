@@ -298,6 +298,16 @@ def test_pull_offline_uses_the_cache_and_checks_the_repo_id_first(hub_server, ti
     assert_one_line_error(bad_id, "invalid repo id", "'bad id'")
 
 
+def test_pushing_a_model_that_does_not_load_uploads_nothing(hub_server, tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "truncated"
+    make_tiny_model(model_dir)
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = run_cli(["push-to-hub", str(model_dir), "alice/broken"], hub_env(hub_server.url, tmp_path / "h", ALICE_TOKEN))
+    assert_one_line_error(proc, "refusing to push, the model does not load", str(model_dir))
+    assert hub_server.state.repos == {} and hub_server.state.commits_received == []
+
+
 def test_unwritable_hf_home_is_one_line(hub_server, tiny_model_dir, tmp_path):
     """HF_HOME a regular file: one Error line, not huggingface_hub's "Ignored error while writing..." first."""
     push_in_process(hub_server, tiny_model_dir, "alice/nowhere")

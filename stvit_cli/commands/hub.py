@@ -35,7 +35,7 @@ def push_to_hub(model_dir: str, repo_id: str, private: bool, revision: Optional[
                 token: Optional[str], create_pr: bool, quiet: Optional[bool], as_json: bool) -> None:
     """Upload MODEL_DIR (config.json + model.safetensors) to the Hub repo REPO_ID with a model card.
 
-    The repo is created if needed. Besides the weights, README.md (a generated model card with params,
+    MODEL_DIR must hold a model that loads. The repo is created if needed. Besides the weights, README.md (a generated model card with params,
     GFLOPs, speedup, evaluation results and citation, unless MODEL_DIR has its own README.md) and any
     evaluation results / training config found in MODEL_DIR (results*.json, eval*.json, metrics.csv,
     args.yaml, ...) are uploaded in one commit. Pushing the same directory again is a no-op.
