@@ -541,6 +541,27 @@ def _check_model_loads(model_dir: Path) -> None:
         raise CheckpointError(f"refusing to push, the model does not load: {e}") from None
 
 
+class _DropLogLines(logging.Filter):
+    """Drop huggingface_hub log records that start with given text (ones the caller reports itself)."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def _without_log_lines(logger_name: str, *prefixes: str) -> Iterator[None]:
+    logger, drop = logging.getLogger(logger_name), _DropLogLines(*prefixes)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _refuse_token_in_files(paths: List[Path], card: str, token: Optional[str]) -> None:
     """Never publish the token: stop if it was written into a file that is about to be uploaded."""
     if not token:
@@ -602,8 +623,11 @@ def push_to_hub(
         operations.append(CommitOperationAdd(path_in_repo=MODEL_CARD_NAME, path_or_fileobj=card.encode()))
         message = commit_message or f"Upload {cfg['architecture']} with stvit"
         before = api.repo_info(repo_id, revision=revision)
-        info = api.create_commit(repo_id, operations, commit_message=message, revision=revision,
-                                 create_pr=create_pr)
+        # An unchanged directory makes no commit (and no pull request); huggingface_hub logs that on stderr,
+        # PushResult.unchanged reports it instead.
+        with _without_log_lines("huggingface_hub.hf_api", "No files have been modified since last commit"):
+            info = api.create_commit(repo_id, operations, commit_message=message, revision=revision,
+                                     create_pr=create_pr)
     return PushResult(
         repo_id=repo_id,
         url=str(repo_url),
@@ -613,7 +637,7 @@ def push_to_hub(
         commit_url=info.commit_url,
         pr_url=info.pr_url,
         private=bool(before.private),
-        unchanged=info.oid == before.sha and not create_pr,
+        unchanged=info.oid == before.sha and not info.pr_url,
         files=sorted(op.path_in_repo for op in operations),
     )
 

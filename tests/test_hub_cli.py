@@ -308,6 +308,28 @@ def test_pushing_a_model_that_does_not_load_uploads_nothing(hub_server, tiny_mod
     assert hub_server.state.repos == {} and hub_server.state.commits_received == []
 
 
+def test_create_pr_with_nothing_changed_says_so_and_opens_no_pr(hub_server, tiny_model_dir, tmp_path):
+    """huggingface_hub skips the commit (and so the pull request) and logs that on stderr; stvit reports it
+    as unchanged instead, in one message."""
+    push_in_process(hub_server, tiny_model_dir, "alice/same")
+    main_before = hub_server.state.repos["alice/same"].branches["main"]
+    env = hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN)
+
+    as_json = run_cli(["push-to-hub", str(tiny_model_dir), "alice/same", "--create-pr", "--json"], env)
+    assert as_json.returncode == 0, as_json.stderr
+    assert as_json.stderr == ""  # not huggingface_hub's "No files have been modified since last commit..."
+    result = json.loads(as_json.stdout)
+    assert result["unchanged"] is True and result["pr_url"] is None and result["commit_oid"] == main_before
+
+    text = run_cli(["push-to-hub", str(tiny_model_dir), "alice/same", "--create-pr"], env)
+    assert text.returncode == 0, text.stderr
+    assert text.stderr == ""
+    assert text.stdout.startswith(f"Nothing to push: {hub_server.url}/alice/same (main) already has these 3 files, "
+                                  "so no pull request was opened\n")
+    repo = hub_server.state.repos["alice/same"]
+    assert repo.pulls == {} and repo.branches["main"] == main_before
+
+
 def test_unwritable_hf_home_is_one_line(hub_server, tiny_model_dir, tmp_path):
     """HF_HOME a regular file: one Error line, not huggingface_hub's "Ignored error while writing..." first."""
     push_in_process(hub_server, tiny_model_dir, "alice/nowhere")

@@ -38,7 +38,8 @@ def push_to_hub(model_dir: str, repo_id: str, private: bool, revision: Optional[
     MODEL_DIR must hold a model that loads. The repo is created if needed. Besides the weights, README.md (a generated model card with params,
     GFLOPs, speedup, evaluation results and citation, unless MODEL_DIR has its own README.md) and any
     evaluation results / training config found in MODEL_DIR (results*.json, eval*.json, metrics.csv,
-    args.yaml, ...) are uploaded in one commit. Pushing the same directory again is a no-op.
+    args.yaml, ...) are uploaded in one commit. Pushing the same directory again is a no-op (with
+    --create-pr: no pull request is opened).
     HF_ENDPOINT selects a self-hosted Hub.
 
     \b
@@ -57,7 +58,8 @@ def push_to_hub(model_dir: str, repo_id: str, private: bool, revision: Optional[
         return
     where = result.pr_url or f"{result.url} ({result.revision})"
     if result.unchanged:
-        click.echo(f"Nothing to push: {where} already has these {len(result.files)} files")
+        no_pr = ", so no pull request was opened" if create_pr else ""
+        click.echo(f"Nothing to push: {where} already has these {len(result.files)} files{no_pr}")
     else:
         click.echo(f"Pushed {len(result.files)} files to {where}")
     click.echo(f"commit {result.commit_oid}")
