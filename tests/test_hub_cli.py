@@ -95,6 +95,7 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["commit_oid"] == commit
     assert json.loads(again.stdout)["unchanged"] is True
+    assert "No files have been modified" not in again.stderr  # huggingface_hub's log line: we report it
     assert len(hub_server.state.commits_received) == 1
 
     # Pull anonymously (public repo) into a fresh HF_HOME; the files land in the HF cache.
