@@ -541,6 +541,13 @@ def _check_model_loads(model_dir: Path) -> None:
         raise CheckpointError(f"refusing to push, the model does not load: {e}") from None
 
 
+def _refuse_private_if_public(api: Any, repo_id: str) -> None:
+    """``private=True`` only applies to a repo it creates: an existing public repo stays public, so say so."""
+    if not api.repo_info(repo_id).private:
+        raise InvalidArgumentError(f"private=True cannot apply: {repo_id} already exists and is public (change its "
+                                   "visibility in the repo's settings on the Hub, or push without private=True)")
+
+
 class _DropLogLines(logging.Filter):
     """Drop huggingface_hub log records that start with given text (ones the caller reports itself)."""
 
@@ -587,11 +594,12 @@ def push_to_hub(
 ) -> PushResult:
     """Upload a model directory (config.json + model.safetensors) with a generated model card.
 
-    Creates the repo when needed (``private`` only applies then), creates branch ``revision`` from main
-    when it does not exist yet, and commits config.json, model.safetensors, README.md (the directory's own
-    README.md if it has one, else a generated card) and the evaluation / training files found by
-    :func:`find_extra_files`, in one commit. Files that did not change are skipped by huggingface_hub,
-    so pushing the same directory twice succeeds without a new commit.
+    Checks first that the directory's model loads. Creates the repo when needed (``private=True`` on an
+    existing public repo is an error), creates branch ``revision`` from main when it does not exist yet, and
+    commits config.json, model.safetensors, README.md (the directory's own README.md if it has one, else a
+    generated card) and the evaluation / training files found by :func:`find_extra_files`, in one commit.
+    Files that did not change are skipped by huggingface_hub, so pushing the same directory twice succeeds
+    without a new commit (``unchanged``; with ``create_pr`` no pull request is opened then).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -613,6 +621,8 @@ def push_to_hub(
     with _hub_errors("push", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token):
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id = repo_url.repo_id or repo_id
+        if private:  # a repo created just now is private; a public one existed already
+            _refuse_private_if_public(api, repo_id)
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         own_card = model_dir / MODEL_CARD_NAME

@@ -331,6 +331,30 @@ def test_create_pr_with_nothing_changed_says_so_and_opens_no_pr(hub_server, tiny
     assert repo.pulls == {} and repo.branches["main"] == main_before
 
 
+def test_private_on_an_existing_public_repo_is_an_error(hub_server, tiny_model_dir, tmp_path):
+    push_in_process(hub_server, tiny_model_dir, "alice/open")
+    commits = len(hub_server.state.commits_received)
+    other = make_tiny_model(tmp_path / "seed3", seed=3)
+    proc = run_cli(["push-to-hub", str(other), "alice/open", "--private", "--revision", "dev"],
+                   hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--private cannot apply", "alice/open already exists and is public")
+    repo = hub_server.state.repos["alice/open"]
+    assert repo.private is False and set(repo.branches) == {"main"}  # no branch created, nothing uploaded
+    assert len(hub_server.state.commits_received) == commits
+
+    # On a repo that is private already (or a new one), --private is what it says.
+    push_in_process(hub_server, tiny_model_dir, "alice/closed", private=True)
+    assert push_in_process(hub_server, other, "alice/closed", private=True).private is True
+
+    from click.testing import CliRunner
+
+    from stvit_cli.main import cli
+
+    help_text = " ".join(CliRunner().invoke(cli, ["push-to-hub", "--help"]).output.split())
+    assert "--private Create the repo as private; an error if it exists already and is public." in help_text
+
+
 def test_unwritable_hf_home_is_one_line(hub_server, tiny_model_dir, tmp_path):
     """HF_HOME a regular file: one Error line, not huggingface_hub's "Ignored error while writing..." first."""
     push_in_process(hub_server, tiny_model_dir, "alice/nowhere")

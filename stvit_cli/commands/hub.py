@@ -22,7 +22,8 @@ def _quiet_hub(quiet: Optional[bool]) -> None:
 @click.command("push-to-hub")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=str))
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo as private (only when it does not exist yet).")
+@click.option("--private", is_flag=True,
+              help="Create the repo as private; an error if it exists already and is public.")
 @click.option("--revision", metavar="BRANCH", show_default="main",
               help="Branch to push to; created from main if missing.")
 @click.option("--commit-message", metavar="TEXT", show_default="Upload ARCH with stvit", help="Commit message.")
