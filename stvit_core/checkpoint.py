@@ -156,7 +156,7 @@ def read_config(model_dir: PathLike) -> Dict[str, Any]:
     if not model_dir.exists():
         raise CheckpointError(f"{model_dir} does not exist (not a model directory, hf-hub: id or model name)")
     if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir} is not a directory")
+        raise CheckpointError(f"{model_dir} is a file, not a model directory (config.json + weights)")
     cfg_path = model_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(f"{model_dir} is not a model directory: {CONFIG_NAME} is missing")
