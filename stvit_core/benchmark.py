@@ -383,11 +383,11 @@ def models_for_benchmark(
     """
     import timm
 
-    from .checkpoint import load_model, names_a_path
+    from .checkpoint import load_model, names_a_saved_model
     from .convert import convert_model, resolve_source_name
 
     stvit_kwargs = dict(stvit_kwargs or {})
-    if spec.startswith(("hf-hub:", "local-dir:")) or names_a_path(spec):
+    if names_a_saved_model(spec):
         given = sorted(f"{k}={v}" for k, v in dict(stvit_kwargs, num_semantic_tokens=num_semantic_tokens).items()
                        if v not in (None, False))  # name=value: the CLI shows it as the option typed
         if given:

@@ -43,6 +43,12 @@ PathLike = Union[str, os.PathLike]
 _CONFIG_STANDINS = [(OrderedDict, "yacs.config.CfgNode"), set]
 
 
+def file_in_the_way(folder: Path) -> Optional[Path]:
+    """The first of ``folder`` and its parents that exists as something other than a folder (so nothing can be
+    written under ``folder``), or None."""
+    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+
+
 @contextlib.contextmanager
 def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``output_dir`` only if the block succeeds.
@@ -55,7 +61,7 @@ def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[P
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} exists and is not a directory")
     parent = output_dir.parent if str(output_dir.parent) else Path(".")
-    blocking_file = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    blocking_file = file_in_the_way(parent)
     if blocking_file is not None:
         raise StvitError(f"cannot write {output_dir}: {blocking_file} is a file, not a folder")
     try:
@@ -179,6 +185,12 @@ def names_a_path(spec: Union[str, PathLike]) -> bool:
     one is reported as such, never as an unknown model name."""
     spec = str(spec)
     return Path(spec).exists() or os.sep in spec or "/" in spec or spec.startswith(".")
+
+
+def names_a_saved_model(spec: Union[str, PathLike]) -> bool:
+    """A saved model (a directory, ``local-dir:DIR`` or ``hf-hub:org/name``) rather than a model name: its
+    architecture, tokens and weights are fixed, so options that build or convert a model cannot apply."""
+    return str(spec).startswith(("hf-hub:", "local-dir:")) or names_a_path(spec)
 
 
 def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs: Any) -> nn.Module:

@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .checkpoint import file_in_the_way, names_a_saved_model
 from .errors import CheckpointError, InvalidArgumentError, OutputExistsError, StvitError, first_line
 
 __all__ = [
@@ -88,12 +89,6 @@ def require_extra(extra: str, modules: Sequence[str], purpose: str) -> None:
 # The model to deploy
 
 
-def _is_saved_model(spec: str) -> bool:
-    from .checkpoint import names_a_path
-
-    return spec.startswith(("hf-hub:", "local-dir:")) or names_a_path(spec)
-
-
 def _architecture(model: nn.Module) -> str:
     return (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
 
@@ -127,7 +122,7 @@ def load_stvit_model(
     given = {"num_semantic_tokens": num_semantic_tokens, "semantic_tokens_per_window": semantic_tokens_per_window,
              "recovery": recovery or None}
     given = {k: v for k, v in given.items() if v is not None}
-    if _is_saved_model(spec):
+    if names_a_saved_model(spec):
         if given or not pretrained:
             names = [f"{k}={v}" for k, v in sorted(given.items())] + ([] if pretrained else ["pretrained=False"])
             raise InvalidArgumentError(f"{', '.join(names)} cannot apply to a saved model ({spec}): it is used as "
@@ -160,7 +155,7 @@ def _features_model(spec: str, model: nn.Module, architecture: str) -> nn.Module
         raise InvalidArgumentError(
             f"features_only needs an STViT-R model (stvit_r_*): {architecture} ends on its semantic tokens and "
             "has no full-resolution feature maps (convert with --recovery, or a Swin model)")
-    if _is_saved_model(spec):
+    if names_a_saved_model(spec):
         return load_model(spec, features_only=True)
     with tempfile.TemporaryDirectory(prefix="stvit-features-") as tmp:
         save_model(model, Path(tmp) / "model")
@@ -302,8 +297,9 @@ def check_output_path(output: Union[str, os.PathLike], *, force: bool = False) -
     if output.exists() and not force:
         raise OutputExistsError(f"{output} already exists (use --force to overwrite)")
     parent = output.parent
-    if parent.exists() and not parent.is_dir():
-        raise StvitError(f"cannot write {output}: {parent} is a file, not a folder")
+    blocking_file = file_in_the_way(parent)
+    if blocking_file is not None:
+        raise StvitError(f"cannot write {output}: {blocking_file} is a file, not a folder")
     if not parent.is_dir():
         raise StvitError(f"cannot write {output}: folder {parent} does not exist")
     with _temporary_file(output):  # a real write: permissions, read-only file systems, root on /sys

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import names_a_saved_model
 from .errors import CheckpointError, InvalidArgumentError, StvitError
 
 __all__ = ["DistillationLoss", "architecture_of", "create_model_for_training", "create_teacher", "teacher_for"]
@@ -25,13 +26,6 @@ def architecture_of(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def _is_path_like(spec: str) -> bool:
-    """A model directory or hub id rather than a model name."""
-    from .checkpoint import names_a_path
-
-    return spec.startswith(("local-dir:", "hf-hub:")) or names_a_path(spec)
-
-
 def _check_token_options(spec: str, tokens: Optional[int], tokens_per_window: Optional[int]) -> None:
     """Token counts are chosen when a name is built or converted; anywhere else they cannot apply."""
     from .convert import SOURCE_ALIASES
@@ -39,7 +33,7 @@ def _check_token_options(spec: str, tokens: Optional[int], tokens_per_window: Op
     if tokens is None and tokens_per_window is None:
         return
     option = "--tokens" if tokens is not None else "--tokens-per-window"
-    if _is_path_like(spec):
+    if names_a_saved_model(spec):
         raise InvalidArgumentError(f"{option} applies when MODEL is a model name; {spec} is a model whose tokens "
                                    f"are fixed (convert its source again with {option} N to change them)")
     is_swin = "swin" in SOURCE_ALIASES.get(spec, spec)
@@ -53,7 +47,7 @@ def _check_weight_options(spec: str, pretrained: bool, checkpoint: Optional[str]
     """Where the weights come from: a saved model has its own; a name takes one of pretrained, file or random."""
     if checkpoint and not pretrained:
         raise InvalidArgumentError("--checkpoint and --no-pretrained exclude each other")
-    if _is_path_like(spec):
+    if names_a_saved_model(spec):
         if not pretrained:  # load_model(DIR, pretrained=False) would throw its weights away
             raise InvalidArgumentError(f"--no-pretrained applies to model names only; {spec} is a saved model with "
                                        "its own weights")
@@ -108,7 +102,7 @@ def _create_model_for_training(spec: str, *, tokens: Optional[int], tokens_per_w
         kwargs["num_classes"] = num_classes
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    if _is_path_like(spec):  # its own weights (_check_weight_options refused any others)
+    if names_a_saved_model(spec):  # its own weights (_check_weight_options refused any others)
         return load_model(spec, **kwargs), _recorded_metadata(spec)
     if spec.startswith("stvit_"):
         tokens_arg = "semantic_tokens_per_window" if tokens_per_window is not None else "num_semantic_tokens"
@@ -164,11 +158,11 @@ def create_teacher(spec: str, *, pretrained: bool = True, checkpoint: Optional[s
     from .convert import build_source_model
 
     kwargs = dict(model_kwargs or {})
-    if not (spec.startswith("stvit_") or _is_path_like(spec)):
+    if not (spec.startswith("stvit_") or names_a_saved_model(spec)):
         # a source name such as deit_small (aliases understood)
         return build_source_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     # a saved model keeps its own weights: --no-pretrained (random weights for a name) cannot apply to it
-    model = load_model(spec, pretrained=(pretrained or _is_path_like(spec)) and not checkpoint, **kwargs)
+    model = load_model(spec, pretrained=(pretrained or names_a_saved_model(spec)) and not checkpoint, **kwargs)
     if checkpoint:
         _load_weights(model, checkpoint)
     return model
@@ -186,7 +180,7 @@ def teacher_for(student: nn.Module, student_spec: str, teacher_spec: Optional[st
     student's classes would be random, and distilling from it would only add noise.
     """
     if teacher_spec is None:
-        if student_spec.startswith("stvit_") or _is_path_like(student_spec):
+        if student_spec.startswith("stvit_") or names_a_saved_model(student_spec):
             raise InvalidArgumentError("--distill needs --teacher (the unconverted source model)")
         teacher_spec = student_spec
     else:

@@ -63,6 +63,11 @@ def _file_only_types() -> Dict[str, click.ParamType]:
     }
 
 
+def _config_param(ctx: click.Context) -> click.Parameter:
+    """--config, which errors about the file's values are reported against."""
+    return next(p for p in ctx.command.params if p.name == "config_file")
+
+
 def _config_converter(ctx: click.Context, config_file: Optional[str],
                       given: Dict[str, str]) -> Callable[[str, Any], Any]:
     """Each value of --config FILE through its command-line option's own click type, as if typed as a flag,
@@ -72,7 +77,7 @@ def _config_converter(ctx: click.Context, config_file: Optional[str],
     fields = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
     types = {p.name.rstrip("_"): p.type for p in ctx.command.params if isinstance(p, click.Option) and p.name}
     types = {**{k: v for k, v in types.items() if k in fields}, **_file_only_types()}
-    config_param = next(p for p in ctx.command.params if p.name == "config_file")
+    config_param = _config_param(ctx)
 
     def convert(key: str, value: Any) -> Any:
         name = key.replace("-", "_")
@@ -106,7 +111,7 @@ def _check_dependent_options(ctx: click.Context, cfg: Any, config_file: Optional
             raise InvalidArgumentError(f"--{name.replace('_', '-')} applies only with {needs}")
         if name in from_file:
             raise click.BadParameter(f"{config_file}: {from_file[name]} applies only with {needs_in_file}", ctx,
-                                     next(p for p in ctx.command.params if p.name == "config_file"))
+                                     _config_param(ctx))
 
 
 @click.command()
