@@ -123,3 +123,25 @@ def test_convert_with_local_checkpoint(tiny_vit_checkpoint):
     assert torch.equal(model.pos_embed, src["pos_embed"])
     assert torch.equal(model.head.weight, src["head.weight"])
     assert model.num_semantic_tokens == 36
+
+
+@pytest.mark.parametrize("recovery", [False, True])
+def test_average_readout_from_a_class_token_source(source, recovery):
+    """--readout avg on DeiT: no class token, its position embedding dropped, the final norm after pooling."""
+    model = convert_model(source, num_semantic_tokens=4, global_pool="avg", recovery=recovery).eval()
+    assert model.global_pool == "avg"
+    src = source.state_dict()
+    ours = model.state_dict()
+    assert "norm.weight" not in ours
+    if recovery:  # STViT-R-DeiT keeps its class token as a token (not read out)
+        torch.testing.assert_close(ours["cls_token"], src["cls_token"], rtol=0, atol=0)
+        torch.testing.assert_close(ours["pos_embed"], src["pos_embed"], rtol=0, atol=0)
+    else:
+        assert model.cls_token is None and model.num_prefix_tokens == 0 and "cls_token" not in ours
+        torch.testing.assert_close(ours["pos_embed"], src["pos_embed"][:, 1:], rtol=0, atol=0)
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(ours[f"fc_norm.{name}"], src[f"norm.{name}"], rtol=0, atol=0)
+    first_block = "blocks.0.image_blocks.0" if recovery else "blocks.0"
+    torch.testing.assert_close(ours[f"{first_block}.attn.qkv.weight"], src["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -305,6 +305,16 @@ def _prepare_vit_state_dict(state_dict: Dict[str, torch.Tensor], model: VisionTr
             # distilled DeiT has two prefix tokens; keep the class token's position embedding
             pe = state_dict["pos_embed"]
             state_dict["pos_embed"] = torch.cat([pe[:, :1], pe[:, 2:]], dim=1)
+    if getattr(model, "cls_token", 0) is None and "cls_token" in state_dict:
+        # a class-token source for a model without one (average readout): the token and its position go
+        state_dict = {k: v for k, v in state_dict.items() if k != "cls_token"}
+        if "pos_embed" in state_dict and not getattr(model, "no_embed_class", False):
+            state_dict["pos_embed"] = state_dict["pos_embed"][:, 1:]
+    if isinstance(getattr(model, "norm", None), nn.Identity) and "norm.weight" in state_dict \
+            and "fc_norm.weight" not in state_dict:
+        # a source read out from its class token for an average readout: its final norm becomes the norm after
+        # pooling (timm's fc_norm)
+        state_dict = {("fc_" + k if k.startswith("norm.") else k): v for k, v in state_dict.items()}
     return vit_checkpoint_filter_fn(state_dict, model)  # resamples pos_embed / patch_embed if needed
 
 
