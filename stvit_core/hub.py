@@ -606,6 +606,7 @@ def push_to_hub(
     model_dir = Path(model_dir)
     cfg = _check_model_dir(model_dir)
     validate_repo_id(repo_id)
+    check_revision(revision)
     if create_pr and revision not in (None, "main"):
         raise InvalidArgumentError("--create-pr opens a pull request against main; do not combine it with --revision")
     _check_model_loads(model_dir)
@@ -652,13 +653,25 @@ def push_to_hub(
     )
 
 
+def check_revision(revision: Optional[str], what: Optional[str] = None) -> None:
+    """An empty (or blank) revision is an error, before anything touches the cache or the network:
+    huggingface_hub would take it for a folder of the cache (``refs/``), or for main."""
+    if revision is not None and not revision.strip():
+        what = what or f"--revision {revision!r}"
+        raise InvalidArgumentError(f"empty revision ({what}): name a branch, tag, commit or refs/pr/N, or leave it "
+                                   "out for main")
+
+
 def split_repo_spec(spec: str, revision: Optional[str] = None) -> "tuple[str, Optional[str]]":
     """``[hf-hub:]REPO_ID[@REV]`` and an optional separate revision -> ``(repo_id, revision)``; two different
-    revisions are an error."""
+    revisions, or an empty one, are an error."""
+    original = spec
     if spec.startswith("hf-hub:"):
         spec = spec[len("hf-hub:"):]
     repo_id, at, at_revision = spec.partition("@")
+    check_revision(revision)
     if at:
+        check_revision(at_revision, f"nothing after @ in {original!r}")
         if revision and revision != at_revision:
             raise InvalidArgumentError(f"two revisions given: @{at_revision} and revision={revision}")
         revision = at_revision
@@ -715,6 +728,9 @@ def pull_from_hub(
     from huggingface_hub import HfApi, snapshot_download
 
     validate_repo_id(repo_id)
+    check_revision(revision)
+    if force and output_dir is None:
+        raise InvalidArgumentError("force applies to output_dir only (the directory it replaces)")
     endpoint = resolve_endpoint(endpoint)
 
     def verify(path: Path) -> Any:

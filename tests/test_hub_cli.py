@@ -369,3 +369,39 @@ def test_unwritable_hf_home_is_one_line(hub_server, tiny_model_dir, tmp_path):
     into_dir = run_cli(["pull", "alice/nowhere", "--output", str(tmp_path / "out")], env)
     assert into_dir.returncode == 0, into_dir.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_pull_force_without_output_is_a_usage_error(hub_server, tiny_model_dir, tmp_path):
+    """--force replaces --output; without --output it used to be ignored (exit 0)."""
+    push_in_process(hub_server, tiny_model_dir, "alice/forced")
+    requests_before = len(hub_server.state.requests)
+    home = tmp_path / "home"
+    proc = run_cli(["pull", "alice/forced", "--force"], hub_env(hub_server.url, home))
+    assert proc.returncode == 2
+    error = assert_one_line_error(proc, "--force applies to --output only")
+    assert proc.stderr.strip().splitlines() == [error] and proc.stdout == ""
+    assert len(hub_server.state.requests) == requests_before and not home.exists()
+
+
+@pytest.mark.parametrize("args", [["alice/x@"], ["hf-hub:alice/x@"], ["alice/x", "--revision", ""],
+                                  ["alice/x", "--revision", " "], ["alice/x@dev", "--revision", ""],
+                                  ["alice/x@", "--output", "out"]])
+def test_pull_an_empty_revision_is_a_usage_error_before_the_cache_or_the_hub(hub_server, tmp_path, args):
+    """An empty revision used to reach huggingface_hub: 'cannot write .../refs/: Is a directory' (exit 1)."""
+    home = tmp_path / "home"
+    args = [str(tmp_path / a) if a == "out" else a for a in args]
+    proc = run_cli(["pull", *args], hub_env(hub_server.url, home))
+    assert proc.returncode == 2
+    error = assert_one_line_error(proc, "empty revision", "name a branch, tag, commit or refs/pr/N")
+    assert proc.stderr.strip().splitlines() == [error] and proc.stdout == ""
+    assert "nothing after @" in error if "@" in args[0] and args[0].endswith("@") else "--revision" in error
+    assert hub_server.state.requests == [] and not home.exists() and not (tmp_path / "out").exists()
+
+
+def test_push_to_an_empty_revision_is_a_usage_error(hub_server, tiny_model_dir, tmp_path):
+    """--revision "" used to push to main unsaid."""
+    proc = run_cli(["push-to-hub", str(tiny_model_dir), "alice/x", "--revision", ""],
+                   hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "empty revision (--revision '')")
+    assert hub_server.state.repos == {} and hub_server.state.requests == []

@@ -92,8 +92,11 @@ def pull(repo_id: str, revision: Optional[str], output: Optional[str], force: bo
       stvit pull me/stvit-deit-small --revision tokens-36 --output stvit-deit-s-36
       stvit pull me/stvit-deit-small@tokens-36 --json
     """
+    from stvit_core.errors import InvalidArgumentError
     from stvit_core.hub import pull_from_hub, split_repo_spec
 
+    if force and output is None:
+        raise InvalidArgumentError("--force applies to --output only (the directory it replaces)")
     repo_id, revision = split_repo_spec(repo_id, revision)
     _quiet_hub(quiet)
     result = pull_from_hub(repo_id, revision=revision, output_dir=output, token=token, force=force)
