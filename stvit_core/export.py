@@ -40,6 +40,8 @@ __all__ = [
     "ExportCheckError",
     "MissingExtraError",
     "check_output_path",
+    "default_onnx_opset",
+    "refuse_folder_name",
     "export_model",
     "is_features_model",
     "load_stvit_model",
@@ -289,8 +291,19 @@ def max_abs_diff(outputs: Any, references: Any) -> float:
 # Export
 
 
+def refuse_folder_name(output: Union[str, os.PathLike]) -> None:
+    """An output path that ends in a path separator names a folder (``Path()`` would drop the separator and
+    write a file of that name): InvalidArgumentError."""
+    text = os.fspath(output)
+    if isinstance(text, str) and text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise InvalidArgumentError(f"{text} ends in {text[-1]}, so it names a folder; the export is one file: name it "
+                                   f"(e.g. {text}model.onnx)")
+
+
 def check_output_path(output: Union[str, os.PathLike], *, force: bool = False) -> Path:
-    """Fail now, before any slow work, if ``output`` exists (without ``force``) or its folder cannot be written."""
+    """Fail now, before any slow work, if ``output`` names a folder (ends in a path separator), exists (without
+    ``force``) or its folder cannot be written."""
+    refuse_folder_name(output)
     output = Path(output)
     if output.is_dir():
         raise OutputExistsError(f"{output} is a directory; the export is one file")
@@ -374,6 +387,17 @@ def trace_model(model: nn.Module, example: torch.Tensor, *, dynamic_batch: bool)
         raise StvitError(f"cannot export {_architecture(model)} with torch.export: {first_line(e)}") from None
 
 
+def default_onnx_opset() -> Optional[int]:
+    """The opset torch's exporter writes when none is asked for (it builds opset 18 and converts to this one);
+    None when this torch does not say."""
+    try:
+        from torch.onnx import _constants
+    except ImportError:
+        return None
+    default = getattr(_constants, "ONNX_DEFAULT_OPSET", None)
+    return default if isinstance(default, int) else None
+
+
 def to_onnx(program: Any, example: torch.Tensor, *, output_names: Sequence[str], opset: Optional[int] = None,
             metadata: Optional[Mapping[str, str]] = None, optimize: bool = True) -> Any:
     """The ``torch.onnx.ONNXProgram`` of an exported program (the dynamo exporter), ``metadata`` in its
@@ -389,8 +413,10 @@ def to_onnx(program: Any, example: torch.Tensor, *, output_names: Sequence[str],
                          f"{first_line(e)}") from None
     written = onnx_program.model.opset_imports.get("")
     if opset is not None and written != opset:  # the exporter logs a failed conversion and keeps its own opset
+        default = default_onnx_opset()
+        without = f" (without an opset it writes {default})" if default else ""
         raise InvalidArgumentError(f"cannot write ONNX opset {opset}: torch's exporter builds opset {written} and "
-                                   f"could not convert it to {opset} (without an opset it writes {written})")
+                                   f"could not convert it to {opset}{without}")
     onnx_program.model.metadata_props.update(dict(metadata or {}))
     return onnx_program
 

@@ -330,3 +330,53 @@ def test_a_broken_symlink_in_an_image_folder_is_reported_not_skipped(tmp_path):
     read_image(images[0])
     with pytest.raises(DataError, match="b.png"):
         read_image(images[1])
+
+
+def _stvit(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "stvit_cli", *args], capture_output=True, text=True, env=env(),
+                          cwd=cwd, timeout=timeout)
+
+
+def _one_error_line(result, code=2) -> str:
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and result.stdout == "", result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def batch1_onnx(stvit_dir, tmp_path_factory):
+    """`stvit export --batch-size 1 --json`: the file (a fixed batch of 1) and what --json said."""
+    out = tmp_path_factory.mktemp("b1") / "b1.onnx"
+    result = _stvit(["export", str(stvit_dir), "-o", str(out), "--batch-size", "1", "--json"], out.parent)
+    assert result.returncode == 0, result.stderr
+    return out, json.loads(result.stdout)
+
+
+def test_predict_a_batch_size_other_than_the_files_fixed_batch_is_a_usage_error(batch1_onnx, tmp_path):
+    """It used to run at the file's batch of 1 unsaid; without -b the file's batch is still used."""
+    onnx_file, _ = batch1_onnx
+    images = [str(p) for p in sorted((embedded_dataset_path() / "val" / "coat").iterdir())[:3]]
+    error = _one_error_line(_stvit(["predict", str(onnx_file), *images, "--device", "cpu", "-b", "2"], tmp_path))
+    assert "--batch-size 2" in error and "fixed batch of 1" in error, error
+    for args in ([], ["-b", "1"]):
+        result = _stvit(["predict", str(onnx_file), *images, "--device", "cpu", "--json", *args], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert len(json.loads(result.stdout)["predictions"]) == 3
+
+
+def test_a_failed_opset_names_the_opset_a_default_export_writes(stvit_dir, batch1_onnx, tmp_path):
+    """The message used to name the exporter's build opset (18), not what an export without --opset writes."""
+    _, written = batch1_onnx
+    error = _one_error_line(_stvit(["export", str(stvit_dir), "-o", "o99.onnx", "--opset", "99"], tmp_path))
+    assert error.endswith(f"(without an opset it writes {written['opset']})"), (error, written["opset"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["newdir/", "existing/"])
+def test_an_output_ending_in_a_separator_is_a_usage_error(stvit_dir, tmp_path, output):
+    """`--output newdir/` used to write a file named newdir."""
+    (tmp_path / "existing").mkdir()
+    error = _one_error_line(_stvit(["export", str(stvit_dir), "--output", output], tmp_path))
+    assert f"{output} ends in /, so it names a folder" in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"] and not any((tmp_path / "existing").iterdir())

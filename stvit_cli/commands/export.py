@@ -15,7 +15,7 @@ from ._common import LibraryOption, echo_json, json_option, positive_int, source
 @click.option("--format", "format_", type=click.Choice(["onnx", "pt2"]), default="onnx", show_default=True,
               help="onnx (torch.onnx.export, dynamo exporter; needs pip install 'stvit[export]') or pt2 "
                    "(torch.export.save).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, metavar="FILE",
+@click.option("--output", "-o", type=click.Path(path_type=str), required=True, metavar="FILE",
               help="The file to write (e.g. model.onnx); must not exist unless --force.")
 @click.option("--opset", type=click.IntRange(min=1), default=None, show_default="torch's default", metavar="N",
               help="ONNX opset version (ONNX only). The exporter builds opset 18 and converts to N; an opset it "
@@ -32,7 +32,7 @@ from ._common import LibraryOption, echo_json, json_option, positive_int, source
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @json_option
 def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
-           recovery: bool, format_: str, output: Path, opset: Optional[int], batch_size: Optional[int],
+           recovery: bool, format_: str, output: str, opset: Optional[int], batch_size: Optional[int],
            dynamic_batch: bool, features_only: bool, no_pretrained: bool, force: bool, as_json: bool) -> None:
     """Export MODEL to ONNX or torch.export and check the written file against PyTorch.
 
@@ -55,6 +55,7 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
         check_output_path,
         export_model,
         load_stvit_model,
+        refuse_folder_name,
         require_extra,
     )
 
@@ -62,6 +63,8 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
         raise InvalidArgumentError("--batch-size and --dynamic-batch exclude each other")
     if opset is not None and format_ != "onnx":
         raise InvalidArgumentError(f"--opset applies to ONNX only, not --format {format_}")
+    refuse_folder_name(output)  # on the text: Path() drops a trailing separator
+    output = Path(output)
     if output.suffix.lower() in (".onnx", ".pt2") and output.suffix.lower() != f".{format_}":
         raise InvalidArgumentError(f"--format {format_} writes a .{format_} file, not {output.name}")
     if format_ == "onnx":

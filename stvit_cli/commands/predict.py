@@ -34,11 +34,17 @@ def predict(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_
       stvit predict runs/fm/best shoe.png shirts/
       stvit predict fm.onnx shirts/ --top-k 3 --json
     """
+    from stvit_core.errors import InvalidArgumentError
     from stvit_core.predict import load_classifier, predict_images
 
     kwargs: Dict[str, Any] = {"num_semantic_tokens": num_semantic_tokens,
                               "semantic_tokens_per_window": semantic_tokens_per_window, "recovery": recovery}
     classifier = load_classifier(model, device=device, **kwargs)
+    fixed = getattr(classifier, "fixed_batch", None)
+    given = click.get_current_context().get_parameter_source("batch_size").name != "DEFAULT"
+    if fixed and given and batch_size != fixed:  # without -b the file's batch is used
+        raise InvalidArgumentError(f"--batch-size {batch_size} cannot apply: {model} was exported with a fixed batch "
+                                   f"of {fixed} (pass -b {fixed} or leave --batch-size out)")
     result = predict_images(classifier, images, top_k=top_k, batch_size=batch_size)
     result = {"model": model, **result}
     if as_json:
