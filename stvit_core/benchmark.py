@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .device import resolve_device
 from .env import memory_allocator
-from .errors import DownloadError, InvalidArgumentError
+from .errors import CheckpointError, DownloadError, InvalidArgumentError, first_line
 from .flops import count_flops, count_params
 
 __all__ = ["RUNTIMES", "BenchmarkSettings", "benchmark_batch_sizes", "benchmark_models", "benchmark_pair",
@@ -394,11 +394,9 @@ def models_for_benchmark(
             raise InvalidArgumentError(f"{', '.join(given)} cannot apply to a saved model ({spec}): it is timed "
                                        "as it was converted")
         stvit = load_model(spec)
-        source_name = _source_from_config(spec)
-        base = timm.create_model(
-            source_name.split(".")[0], pretrained=False, num_classes=stvit.num_classes,
-            img_size=tuple(stvit.pretrained_cfg["input_size"][1:]),
-        )
+        source_name, model_args = _source_from_config(spec)
+        base = _base_like(source_name.split(".")[0], model_args, num_classes=stvit.num_classes,
+                          img_size=tuple(stvit.pretrained_cfg["input_size"][1:]))
         return base, stvit, source_name
     source_name = resolve_source_name(spec)
     base = timm.create_model(source_name.split(".")[0], pretrained=False, **kwargs)
@@ -406,11 +404,28 @@ def models_for_benchmark(
     return base, stvit, source_name
 
 
-def _source_from_config(spec: str) -> str:
+def _base_like(arch: str, model_args: Dict[str, Any], **kwargs: Any) -> nn.Module:
+    """The source architecture shaped as the saved model was (patch size, width, depth... from its
+    ``model_args``): the arguments the base model's class takes; the semantic-token ones it does not take."""
+    import inspect
+
+    import timm
+
+    with torch.device("meta"):
+        cls = type(timm.create_model(arch, pretrained=False))
+    takes = inspect.signature(cls.__init__).parameters
+    args = {k: v for k, v in model_args.items() if k in takes}
+    try:
+        return timm.create_model(arch, pretrained=False, **{**args, **kwargs})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot build the base model {arch} shaped as the saved one: {first_line(e)}") from None
+
+
+def _source_from_config(spec: str) -> Tuple[str, Dict[str, Any]]:
+    """The saved model's source model name and its ``model_args``."""
     import json
 
     from .checkpoint import CONFIG_NAME, read_config
-    from .errors import CheckpointError, first_line
 
     if spec.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
@@ -426,4 +441,4 @@ def _source_from_config(spec: str) -> str:
     source = (cfg.get("stvit") or {}).get("source_model")
     if not source:
         raise CheckpointError(f"{spec} does not record its source model (config.json 'stvit.source_model')")
-    return source
+    return source, dict(cfg.get("model_args") or {})

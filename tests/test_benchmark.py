@@ -91,3 +91,18 @@ def test_timing_uses_the_process_thread_count():
         assert _timer(lambda: None).timeit(1).task_spec.num_threads == 2
     finally:
         torch.set_num_threads(old)
+
+
+def test_a_saved_model_is_timed_against_its_source_shaped_as_it_was(tmp_path):
+    """A model built with another patch size and width (finetune --model-arg) gets a base of that shape, not
+    the source's default architecture."""
+    from stvit_core.benchmark import models_for_benchmark
+
+    from .hub_fixtures import make_tiny_model
+
+    saved = make_tiny_model(tmp_path / "m")  # deit_tiny's architecture with patch 8, width 48, 32 px
+    base, stvit, source = models_for_benchmark(str(saved))
+    assert source.startswith("deit_tiny_patch16_224")
+    assert base.patch_embed.patch_size == stvit.patch_embed.patch_size == (8, 8)
+    assert base.embed_dim == stvit.embed_dim == 48 and len(base.blocks) == 12
+    assert base.patch_embed.img_size == (32, 32) and base.num_classes == stvit.num_classes == 10
