@@ -124,6 +124,9 @@ def test_config_precedence(tmp_path):
     ("opt: bogus", "opt: 'bogus' is not one of"),
     ("model_ema_decay: 0.9", "model_ema_decay applies only with model_ema: true"),
     ("distill-tau: 2", "distill-tau applies only with distill: soft|hard"),
+    ("lr: .nan", "lr: 'nan' is not a finite number"),  # NaN passes every range comparison
+    ("warmup_epochs: .inf", "warmup_epochs: 'inf' is not a finite number"),
+    ("lr: 0.001\nbase_lr: 0.5", "lr and base_lr exclude each other"),
 ])
 def test_config_file_values_take_the_options_types_and_ranges(tmp_path, tiny_model_dir, line, fragment):
     config = tmp_path / "c.yaml"
@@ -131,6 +134,15 @@ def test_config_file_values_take_the_options_types_and_ranges(tmp_path, tiny_mod
     r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", "fashion-mnist", "--device", "cpu",
                         "--config", str(config), "-o", str(tmp_path / "out")])
     assert_one_line_error(r, f"{config}: {fragment}")
+    assert r.returncode == 2 and not (tmp_path / "out").exists()
+
+
+def test_lr_flag_with_base_lr_in_the_config_file_is_refused(tmp_path, tiny_model_dir):
+    config = tmp_path / "c.yaml"
+    config.write_text("base_lr: 0.5\n")
+    r = cli_in_process(["finetune", "-m", str(tiny_model_dir), "-d", "fashion-mnist", "--device", "cpu",
+                        "--config", str(config), "--lr", "0.001", "-o", str(tmp_path / "out")])
+    assert_one_line_error(r, f"{config}: base_lr and --lr exclude each other")
     assert r.returncode == 2 and not (tmp_path / "out").exists()
 
 
@@ -152,6 +164,11 @@ def test_options_that_cannot_apply_are_refused(tmp_path, tiny_model_dir):
         ([*model, "--checkpoint", str(weights)], f"--checkpoint applies to model names only; {tiny_model_dir} is"),
         (["-m", "deit_tiny", "--no-pretrained", "--checkpoint", str(weights)],
          "--checkpoint and --no-pretrained exclude each other"),
+        ([*model, "--lr", "0.001", "--base-lr", "0.5"], "--lr and --base-lr exclude each other"),
+        *[([*model, option, value], f"'{value}' is not a finite number") for option, value in (
+            ("--lr", "nan"), ("--min-lr", "nan"), ("--clip-grad", "nan"), ("--weight-decay", "inf"),
+            ("--mixup", "inf"), ("--warmup-epochs", "inf"), ("--drop-path", "nan"), ("--smoothing", "nan"),
+            ("--layer-decay", "nan"))],
     ]:
         r = cli_in_process(["finetune", *args, *common])
         assert_one_line_error(r, fragment)

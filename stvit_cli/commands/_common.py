@@ -7,6 +7,7 @@ Nothing here imports torch, timm or stvit_core: ``stvit --help`` and usage error
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Callable, Optional
 
@@ -110,16 +111,30 @@ def non_negative_int() -> click.IntRange:
     return click.IntRange(min=0)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, without NaN (which passes every range comparison) or infinity."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 def positive_float() -> click.FloatRange:
-    return click.FloatRange(min=0, min_open=True)
+    return FiniteFloatRange(min=0, min_open=True)
 
 
 def non_negative_float() -> click.FloatRange:
-    return click.FloatRange(min=0)
+    return FiniteFloatRange(min=0)
 
 
 def probability(max_open: bool = False) -> click.FloatRange:
-    return click.FloatRange(min=0, max=1, max_open=max_open)
+    return FiniteFloatRange(min=0, max=1, max_open=max_open)
+
+
+def unit_interval_open_at_zero() -> click.FloatRange:
+    return FiniteFloatRange(min=0, max=1, min_open=True)
 
 
 def echo_json(obj: Any) -> None:

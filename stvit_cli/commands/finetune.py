@@ -22,6 +22,7 @@ from ._common import (
     quiet_option,
     tokens_option,
     tokens_per_window_option,
+    unit_interval_open_at_zero,
 )
 
 
@@ -56,7 +57,7 @@ def _file_only_types() -> Dict[str, click.ParamType]:
 
     return {
         "base_batch": positive_int(), "warmup_lr": non_negative_float(),
-        "scale_min": click.FloatRange(min=0, max=1, min_open=True),
+        "scale_min": unit_interval_open_at_zero(),
         # timm's schedulers that step per update without a metric or extra decay settings (as train() runs them)
         "sched": click.Choice(["cosine", "tanh", "step", "multistep", "poly", "constant"]),
         "opt": click.Choice(list_optimizers()),
@@ -101,9 +102,23 @@ def _config_converter(ctx: click.Context, config_file: Optional[str],
 
 def _check_dependent_options(ctx: click.Context, cfg: Any, config_file: Optional[str],
                              from_file: Dict[str, str]) -> None:
-    """--teacher, --distill-alpha/-tau without --distill and --model-ema-decay without --model-ema: errors."""
+    """--lr with --base-lr, --teacher, --distill-alpha/-tau without --distill and --model-ema-decay without
+    --model-ema: errors."""
     from stvit_core.errors import InvalidArgumentError
 
+    # --lr and --base-lr: one would be ignored (a flag still overrides the same key in the file)
+    why = "lr is the learning rate itself, base_lr one scaled by the global batch size"
+    given = {n for n in ("lr", "base_lr") if ctx.get_parameter_source(n) not in (None, ParameterSource.DEFAULT)}
+    in_file = {n for n in ("lr", "base_lr") if n in from_file}
+    if len(given) == 2:
+        raise InvalidArgumentError(f"--lr and --base-lr exclude each other: {why}")
+    if len(in_file) == 2:
+        raise click.BadParameter(f"{config_file}: {from_file['lr']} and {from_file['base_lr']} exclude each other: "
+                                 f"{why}", ctx, _config_param(ctx))
+    if given and in_file and given != in_file:
+        flag, (key,) = "--" + given.pop().replace("_", "-"), in_file
+        raise click.BadParameter(f"{config_file}: {from_file[key]} and {flag} exclude each other: {why}", ctx,
+                                 _config_param(ctx))
     for name, (needs, switch, needs_in_file) in _DEPENDENT_OPTIONS.items():
         if getattr(cfg, switch):
             continue
@@ -153,7 +168,7 @@ def _check_dependent_options(ctx: click.Context, cfg: Any, config_file: Optional
               help="Epochs of linear warm-up.")
 @click.option("--weight-decay", type=non_negative_float(), default=None, show_default="0.05",
               help="AdamW weight decay.")
-@click.option("--layer-decay", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+@click.option("--layer-decay", type=unit_interval_open_at_zero(), default=None,
               show_default="off", help="Layer-wise lr decay (e.g. 0.75).")
 @click.option("--clip-grad", type=non_negative_float(), default=None, show_default="5.0",
               help="Gradient norm clipping (0 = off).")
