@@ -192,6 +192,11 @@ def _tokens_for_family(is_swin: bool, num_semantic_tokens: Optional[int],
         raise InvalidArgumentError("semantic_tokens_per_window is for Swin; DeiT/ViT take num_semantic_tokens")
 
 
+def _check_recovery_for_family(is_swin: bool, recovery: Optional[bool]) -> None:
+    if recovery and is_swin:  # not a no-op to ignore: the user expects a different model than Swin's only one
+        raise InvalidArgumentError("recovery=True is for DeiT/ViT; Swin always converts to STViT-R")
+
+
 def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """An STViT model with every weight of the timm ViT/DeiT/Swin ``source`` (see the module docstring).
 
@@ -210,6 +215,7 @@ def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = Non
     if is_swin:
         if recovery is False:
             raise InvalidArgumentError("Swin converts to STViT-R only (dumbbell units in stage 3)")
+        _check_recovery_for_family(True, recovery)
         return convert_swin_model(source, **kwargs)
     kwargs.pop("semantic_tokens_per_window", None)
     tokens = DEFAULT_TOKENS if num_semantic_tokens is None else num_semantic_tokens
@@ -546,8 +552,7 @@ def convert_to_directory(
 
     name = resolve_source_name(model)
     _tokens_for_family(name.startswith("swin"), num_semantic_tokens, semantic_tokens_per_window)
-    if recovery and name.startswith("swin"):
-        raise InvalidArgumentError("recovery=True is for DeiT/ViT; Swin always converts to STViT-R")
+    _check_recovery_for_family(name.startswith("swin"), recovery)
     output = Path(output) if output is not None else Path(default_output_name(
         model, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
         recovery=recovery))

@@ -345,6 +345,12 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("benchmark-plot-exists", [*SWEEP, "--batch-sizes", "1", "--plot", "{in}/existing.png"], FAILED,
      ("already exists", "--force"), ()),
     ("benchmark-force-without-plot", [*BENCH, "--force"], INVALID, ("--force applies to --plot",), ()),
+    ("benchmark-plot-both", [*SWEEP, "--batch-sizes", "1", "--bench", "both", "--plot", "{out}/p.png"], INVALID,
+     ("--plot draws one benchmark",), ()),
+    ("benchmark-round-time-inf", [*BENCH, "--round-time", "inf"], USAGE, ("--round-time", "not a finite number"), ()),
+    ("benchmark-round-time-nan", [*BENCH, "--round-time", "nan"], USAGE, ("--round-time", "not a finite number"), ()),
+    ("benchmark-recovery-swin", ["benchmark", "swin_tiny", "--recovery", "-b", "1", "--rounds", "1", "--device", "cpu"],
+     INVALID, ("--recovery is for DeiT/ViT",), ()),
     ("benchmark-out-of-memory", ["benchmark", "deit_tiny", "-b", "20000000", "--rounds", "1", "--device", "cpu"],
      FAILED, ("out of memory", "smaller batch size"), ()),
     # -- export

@@ -150,3 +150,10 @@ def test_eval_bad_inputs(biased_model, tmp_path):
     assert_one_line_error(r)
     r = cli_in_process(["eval", "folder", "-m", str(biased_model[0]), "-d", "fashion-mnist", "--results-file", "x.txt"])
     assert_one_line_error(r, ".csv or .json")
+
+
+def test_help_offers_the_embedded_subset_only_where_it_can_be_used():
+    """'fashion-mnist' has 10 classes: a value for `eval folder`, never for `eval imagenet`."""
+    imagenet, folder = (cli(["eval", kind, "--help"]).stdout for kind in ("imagenet", "folder"))
+    assert "fashion-mnist" not in imagenet and "synset folders" in imagenet
+    assert "'fashion-mnist' for the embedded subset" in folder

@@ -102,6 +102,8 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
 
         if not batch_sizes:
             raise InvalidArgumentError("--plot needs --batch-sizes (it draws speed against batch size)")
+        if bench == "both":
+            raise InvalidArgumentError("--plot draws one benchmark: give it --bench inference or --bench train")
         if plot.suffix.lower() != ".png":
             raise InvalidArgumentError(f"--plot writes a PNG: FILE must end in .png, got {plot.name}")
         require_extra("plot", ("matplotlib",), "--plot")

@@ -9,11 +9,13 @@ import click
 from ._common import RecordingGroup, device_option, echo_json, json_option, model_option, non_negative_int, positive_int
 
 
-def _common_options(func):
+def _common_options(func=None, *, data_help: str = "Folder of class folders (or a root with val/); "
+                                                    "'fashion-mnist' for the embedded subset."):
+    if func is None:
+        return lambda f: _common_options(f, data_help=data_help)
     options = [
         model_option("Model directory, hf-hub:org/name or timm name (with its pretrained weights)."),
-        click.option("--data", "-d", required=True, metavar="DIR",
-                     help="Folder of class folders (or a root with val/); 'fashion-mnist' for the embedded subset."),
+        click.option("--data", "-d", required=True, metavar="DIR", help=data_help),
         click.option("--batch-size", "-b", type=positive_int(), default=64, show_default=True, metavar="N",
                      help="Images per step."),
         device_option,
@@ -83,7 +85,7 @@ def eval_group() -> None:
 
 
 @eval_group.command()
-@_common_options
+@_common_options(data_help="ImageNet-1k validation folder of synset folders (or a root with val/).")
 def imagenet(**kwargs: Any) -> None:
     """ImageNet-1k validation in synset folders (n01440764/...), with the model's own preprocessing.
 
