@@ -430,9 +430,11 @@ def _source_from_config(spec: str) -> Tuple[str, Dict[str, Any]]:
     if spec.startswith("hf-hub:"):
         from huggingface_hub import hf_hub_download
 
-        repo, _, revision = spec[len("hf-hub:"):].partition("@")
+        from .hub import split_repo_spec
+
+        repo, revision = split_repo_spec(spec)
         try:  # load_model has just fetched it: this is a cache hit
-            with open(hf_hub_download(repo, CONFIG_NAME, revision=revision or None)) as f:
+            with open(hf_hub_download(repo, CONFIG_NAME, revision=revision)) as f:
                 cfg = json.load(f)
         except Exception as e:
             raise DownloadError(f"cannot read the config of {spec}: {first_line(e)}") from None

@@ -261,11 +261,11 @@ def _directory_mismatch(path: Path, cfg: Mapping[str, Any], kwargs: Mapping[str,
 def _create_from_hub(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
     import timm
 
-    from .hub import require_hub_files
+    from .hub import require_hub_files, split_repo_spec
 
-    repo_id, _, revision = spec[len("hf-hub:"):].partition("@")
+    repo_id, revision = split_repo_spec(spec)  # an empty revision (org/name@) is an error, not main
     needed = [(CONFIG_NAME,), (WEIGHTS_NAME, "pytorch_model.bin")] if pretrained else [(CONFIG_NAME,)]
-    require_hub_files(repo_id, needed, revision=revision or None, what=spec)
+    require_hub_files(repo_id, needed, revision=revision, what=spec)
     try:
         return timm.create_model(spec, pretrained=pretrained, **kwargs)
     except Exception as e:

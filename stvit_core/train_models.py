@@ -138,8 +138,10 @@ def _recorded_metadata(spec: str) -> Dict[str, Any]:
         if spec.startswith("hf-hub:"):
             from huggingface_hub import hf_hub_download
 
-            repo_id, _, revision = spec[len("hf-hub:"):].partition("@")
-            path = hf_hub_download(repo_id, "config.json", revision=revision or None)
+            from .hub import split_repo_spec
+
+            repo_id, revision = split_repo_spec(spec)
+            path = hf_hub_download(repo_id, "config.json", revision=revision)
             config = json.loads(Path(path).read_text())
         else:
             from .checkpoint import read_config

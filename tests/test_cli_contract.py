@@ -321,6 +321,9 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("pull-offline", ["pull", "alice/x"], FAILED, ("offline mode is on", "HF_HUB_OFFLINE=1"), ()),
     ("pull-unreachable", ["pull", "alice/x", "-o", "{out}/p"], FAILED, ("cannot connect",), ("unreachable",)),
     ("pull-two-revisions", ["pull", "alice/x@v1", "--revision", "v2"], INVALID, ("two revisions", "--revision v2"), ()),
+    ("export-hf-hub-empty-revision", ["export", "hf-hub:alice/x@", "-o", "{out}/m.onnx"], INVALID,
+     ("empty revision", "nothing after @"), ()),
+    ("eval-hf-hub-empty-revision", ["eval", "folder", "-m", "hf-hub:alice/x@", *FM], INVALID, ("empty revision",), ()),
     # -- benchmark: onnxruntime and batch sizes
     ("benchmark-runtime-unknown", [*BENCH, "--runtime", "tensorrt"], USAGE, ("--runtime",), ()),
     ("benchmark-onnxruntime-train", [*BENCH, "--runtime", "onnxruntime", "--bench", "train"], INVALID,
