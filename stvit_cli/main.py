@@ -52,6 +52,19 @@ def in_cli_terms(message: str, names: Dict[str, Tuple[str, bool]]) -> str:
     return message
 
 
+def _first_empty_argument(args: Sequence[str]) -> Optional[str]:
+    """An empty argument (``-o ""``, ``--output=``, often an unset shell variable) names nothing: click would take
+    it as a path to the current directory, or as an empty name. No stvit option or argument takes one."""
+    why = "a path, name or value cannot be empty (an unset shell variable?)"
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and "=" in arg and not arg.partition("=")[2].strip():
+            return f"the value of {arg.partition('=')[0]} is empty: {why}"
+        if not arg.strip():
+            where = f"the value of {args[i - 1]}" if i and args[i - 1].startswith("-") else "an argument"
+            return f"{where} is empty ({arg!r}): {why}"
+    return None
+
+
 def _usage_line(error: click.ClickException) -> str:
     message = " ".join(error.format_message().split())
     ctx: Optional[click.Context] = getattr(error, "ctx", None)
@@ -67,6 +80,10 @@ class StvitGroup(RecordingGroup):
              complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        empty = _first_empty_argument(sys.argv[1:] if args is None else list(args))
+        if empty is not None:
+            click.echo(f"Error: {empty}", err=True)
+            sys.exit(2)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as e:  # click would print usage + hint + message: three lines
