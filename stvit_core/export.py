@@ -296,8 +296,9 @@ def refuse_folder_name(output: Union[str, os.PathLike]) -> None:
     write a file of that name): InvalidArgumentError."""
     text = os.fspath(output)
     if isinstance(text, str) and text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
-        raise InvalidArgumentError(f"{text} ends in {text[-1]}, so it names a folder; the export is one file: name it "
-                                   f"(e.g. {text}model.onnx)")
+        suffix = "".join(Path(text).suffixes) or ".onnx"
+        raise InvalidArgumentError(f"{text} ends in {text[-1]}, so it names a folder; the output is one file: name it "
+                                   f"(e.g. {text}model{suffix})")
 
 
 def check_output_path(output: Union[str, os.PathLike], *, force: bool = False) -> Path:
