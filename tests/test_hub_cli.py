@@ -392,9 +392,12 @@ def test_pull_an_empty_revision_is_a_usage_error_before_the_cache_or_the_hub(hub
     args = [str(tmp_path / a) if a == "out" else a for a in args]
     proc = run_cli(["pull", *args], hub_env(hub_server.url, home))
     assert proc.returncode == 2
-    error = assert_one_line_error(proc, "empty revision", "name a branch, tag, commit or refs/pr/N")
+    if "--revision" in args:  # an empty argument: the CLI refuses it before any command runs
+        error = assert_one_line_error(proc, "the value of --revision is empty", "cannot be empty")
+    else:  # the library's check of the spec
+        error = assert_one_line_error(proc, "empty revision", "name a branch, tag, commit or refs/pr/N",
+                                      "nothing after @")
     assert proc.stderr.strip().splitlines() == [error] and proc.stdout == ""
-    assert "nothing after @" in error if "@" in args[0] and args[0].endswith("@") else "--revision" in error
     assert hub_server.state.requests == [] and not home.exists() and not (tmp_path / "out").exists()
 
 
@@ -403,5 +406,14 @@ def test_push_to_an_empty_revision_is_a_usage_error(hub_server, tiny_model_dir, 
     proc = run_cli(["push-to-hub", str(tiny_model_dir), "alice/x", "--revision", ""],
                    hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN))
     assert proc.returncode == 2
-    assert_one_line_error(proc, "empty revision (--revision '')")
+    assert_one_line_error(proc, "the value of --revision is empty")
     assert hub_server.state.repos == {} and hub_server.state.requests == []
+
+
+def test_the_library_refuses_an_empty_revision_too(tmp_path):
+    """push_to_hub / pull_from_hub called from Python: the same check, before any request."""
+    from stvit_core.errors import InvalidArgumentError
+    from stvit_core.hub import pull_from_hub
+
+    with pytest.raises(InvalidArgumentError, match=r"empty revision \(--revision ' '\)"):
+        pull_from_hub("alice/x", revision=" ", endpoint="http://127.0.0.1:9")
