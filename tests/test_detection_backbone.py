@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import stvit_core
 from stvit_core.checkpoint import load_state_dict_file
 from stvit_core.convert import convert
-from stvit_core.hub import disable_xet_unless_huggingface
+from stvit_core.hub_access import disable_xet_unless_huggingface
 from stvit_core.layers import local_image_context, local_semantic_context
 from stvit_core.models.swin import checkpoint_filter_fn
 
@@ -284,7 +284,7 @@ def test_traced_graphs_keep_one_gather_per_layer(monkeypatch):
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_row_gather_equals_index_select_along_the_tokens(batch):
-    from stvit_core.layers.semantic import _gather_rows
+    from stvit_core.layers.attention import _gather_rows
 
     kv = torch.randn(batch, 37, 12)
     index = torch.randint(0, 37, (5, 11)).reshape(-1)

@@ -154,31 +154,6 @@ def test_meta_device_construction():
     assert model.semantic_token_generator.global_semantic_tokens.is_meta
 
 
-@pytest.mark.parametrize("name, kwargs", [
-    ("stvit_deit_tiny_patch16_224", TINY_VIT),
-    ("stvit_r_deit_tiny_patch16_224", TINY_VIT),
-    ("stvit_r_swin_tiny_patch4_window7_224", dict(embed_dim=16, num_heads=(1, 2, 4, 8), num_classes=10,
-                                                   global_semantic_tokens=True)),
-])
-def test_checkpoints_with_the_0x_global_tokens_key_still_load(name, kwargs, tmp_path):
-    """0.x files call the global semantic tokens ``global_tokens``: they load, directly and through timm."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, **kwargs).eval()
-    old = {k.replace(".global_semantic_tokens", ".global_tokens"): v for k, v in model.state_dict().items()}
-    assert sum(k.endswith(".global_tokens") for k in old) >= 1
-    path = tmp_path / "0x.pth"
-    torch.save({"model": old}, path)
-    torch.manual_seed(1)
-    direct = timm.create_model(name, **kwargs).eval()
-    direct.load_state_dict(old)  # strict
-    overlay = dict(file=str(path), num_classes=10)  # timm keeps the head when the class counts agree
-    via_timm = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs).eval()
-    size = 32 if "deit" in name else 224
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        assert torch.equal(direct(x), model(x)) and torch.equal(via_timm(x), model(x))
-
-
 def test_cross_attention_explicit_softmax_path_matches_the_fused_one():
     """timm's fused_attn switch: off, CrossAttention computes the softmax itself (same result)."""
     from stvit_core.layers import CrossAttention

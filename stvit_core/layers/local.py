@@ -32,15 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import register_notrace_function
 
-from .semantic import (
-    CrossAttentionBlock,
-    _check_generator_args,
-    _generator_layers,
-    adaptive_pool_index,
-    gather_max,
-    semantic_grid,
-    window_grid,
-)
+from .attention import CrossAttentionBlock
+from .pooling import adaptive_pool_index, gather_max, semantic_grid, window_grid
+from .semantic import _check_generator_args, _generator_layers
 
 __all__ = [
     "DETECTION_NEIGHBOURHOODS",

@@ -5,11 +5,10 @@ from . import (
     swin,  # noqa: F401
 )
 from .deit import RecoveryVisionTransformer, SemanticVisionTransformer
-from .swin import RecoverySwinTransformer, SemanticSwinTransformer
+from .swin import RecoverySwinTransformer
 
 __all__ = [
     "RecoverySwinTransformer",
     "RecoveryVisionTransformer",
-    "SemanticSwinTransformer",  # deprecated name of RecoverySwinTransformer
     "SemanticVisionTransformer",
 ]

@@ -47,9 +47,6 @@ from ..layers import (
 
 __all__ = ["RecoveryVisionTransformer", "SemanticVisionTransformer", "checkpoint_filter_fn", "recovery_checkpoint_filter_fn"]
 
-R_UNIT_DEPTH = DUMBBELL_UNIT_DEPTH  # deprecated name (0.x releases)
-
-
 
 def _any_size_padding(kwargs: Dict[str, Any]) -> None:
     """``dynamic_img_size=True``: any image size, padded (bottom, right, with zeros) to a multiple of the patch by

@@ -81,12 +81,9 @@ __all__ = [
     "ConvStem",
     "RecoverySwinStage",
     "RecoverySwinTransformer",
-    "SemanticSwinStage",
-    "SemanticSwinTransformer",
     "checkpoint_filter_fn",
 ]
 
-UNIT_DEPTH = DUMBBELL_UNIT_DEPTH  # deprecated name (0.x releases)
 LAYOUTS = ("classification", "detection")
 _STEM_STRIDE = 4
 
@@ -513,11 +510,6 @@ def _dumbbell_unit(image_block: nn.Module, dim: int, heads: int, dpr: Sequence[f
     return DumbbellUnit(nn.Sequential(image_block), generator, semantic_blocks, recovery)
 
 
-# deprecated names (0.x releases): the model is STViT-R, like RecoveryVisionTransformer
-SemanticSwinTransformer = RecoverySwinTransformer
-SemanticSwinStage = RecoverySwinStage
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint conversion: timm / Microsoft Swin, the official STViT-R release, our own format.
 
@@ -534,19 +526,6 @@ def is_swin_state_dict(state_dict: Dict[str, Any]) -> bool:
     return any(re.match(r"layers\.\d+\.blocks\.\d+\.", k) for k in state_dict) or any(
         re.match(r"layers\.\d+\.units\.\d+\.", k) for k in state_dict
     )
-
-
-def _timm_layout(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Microsoft/release layout -> timm's key names, without a model (for reading a release's shapes; the
-    checkpoint filter uses timm's own Swin filter, which needs the model)."""
-    old_layout = "layers.0.downsample.reduction.weight" in state_dict
-    out = {}
-    for k, v in state_dict.items():
-        if old_layout:
-            k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k)
-            k = re.sub(r"^head\.(weight|bias)$", r"head.fc.\1", k)
-        out[k] = v
-    return out
 
 
 _RELEASE_STEM = (
@@ -618,7 +597,7 @@ def detection_backbone_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[s
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwinTransformer) -> Dict[str, torch.Tensor]:
     """Convert a Swin state dict to ``model``'s keys; every key of ``model`` is returned.
 
-    * our own format: passed through (files with the 0.x name ``global_tokens`` load too);
+    * our own format: passed through;
     * the official STViT-R release (``{'model': ...}``, downsample at stage ends, ``layer_scale_1``, conv stem
       ``proj.0.c``): renamed one to one;
     * the released COCO detectors (mmdetection: ``{'state_dict': ...}`` with the backbone under ``backbone.``):
