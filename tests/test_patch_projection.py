@@ -1,5 +1,5 @@
 """PatchProjection: the patch convolution as one GEMM (the CUDA path, forced onto the CPU here), the same module
-and state dict as the convolution, used by every STViT model with a patchifying stem."""
+and state dict as the convolution; an opt-in step (use_patch_gemm) for any timm model with a patch embedding."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from timm.layers import PatchEmbed
 
 import stvit_core  # noqa: F401  (registers the models)
 from stvit_core.layers import PatchProjection, SemanticTokenGenerator, use_patch_projection
+from stvit_core.models import use_patch_gemm
 
 
 def force_gemm(model: nn.Module, on: bool = True) -> None:
@@ -61,25 +62,36 @@ def test_only_plain_patchifying_convolutions_are_swapped():
     ("stvit_deit_small_patch16_224", dict(embed_dim=48, num_heads=3, img_size=96)),
     ("stvit_r_deit_small_patch16_224", dict(embed_dim=48, num_heads=3, img_size=96)),
     ("stvit_r_swin_tiny_patch4_window7_224", dict(embed_dim=24, num_heads=(1, 2, 4, 8), stem="patch")),
+    ("deit_small_patch16_224", dict(embed_dim=48, num_heads=3, img_size=96)),  # the base models alike
+    ("swin_tiny_patch4_window7_224", dict(embed_dim=24, num_heads=(1, 2, 4, 8))),
 ])
-def test_models_take_the_gemm_and_it_gives_the_convolutions_logits(name, kwargs):
+def test_use_patch_gemm_swaps_the_projection_and_it_gives_the_convolutions_logits(name, kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10, **kwargs).eval()
-    assert isinstance(model.patch_embed.proj, PatchProjection)
-    assert "patch_embed.proj.weight" in model.state_dict()  # the checkpoint layout of the convolution
-    x = torch.randn(2, 3, *model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]) if "swin" in name \
-        else torch.randn(2, 3, 96, 96)
+    assert type(model.patch_embed.proj) is nn.Conv2d  # constructors build the plain model
+    state = model.state_dict()
+    x = torch.randn(2, 3, 224, 224) if "swin" in name else torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         ref = model(x)
+        assert use_patch_gemm(model) == 1
+        assert isinstance(model.patch_embed.proj, PatchProjection)
+        assert list(model.state_dict()) == list(state)  # the checkpoint layout of the convolution
+        assert torch.equal(model(x), ref)  # on the CPU: the convolution itself
         force_gemm(model)
         out = model(x)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_use_patch_gemm_leaves_the_conv_stem():
+    model = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", embed_dim=24, num_heads=(1, 2, 4, 8))
+    assert use_patch_gemm(model) == 0
 
 
 def test_timm_deit_checkpoint_loads_into_the_projection():
     deit = timm.create_model("deit_small_patch16_224", embed_dim=48, num_heads=3, img_size=96, num_classes=10)
     stvit = timm.create_model("stvit_deit_small_patch16_224", embed_dim=48, num_heads=3, img_size=96,
                               num_classes=10)
+    use_patch_gemm(stvit)
     stvit.patch_embed.load_state_dict(deit.patch_embed.state_dict())
     assert torch.equal(stvit.patch_embed.proj.weight, deit.patch_embed.proj.weight)
 

@@ -7,6 +7,10 @@ docs/benchmarks.md, "GPU suite"), while the same arithmetic as a patch gather an
 that. :class:`PatchProjection` is that GEMM, behind the ``nn.Conv2d`` interface and state dict, so checkpoints,
 timm's ``PatchEmbed`` and conversion code see the same module. Elsewhere (CPU, ONNX export on CPU) it is the
 convolution, bit for bit.
+
+It is an opt-in speed step, never part of a model's construction: :func:`use_patch_gemm` applies it to any timm
+model with a ``PatchEmbed`` (ViT, DeiT, Swin, STViT), so a comparison gives the base and the STViT model the same
+patch embedding.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import PatchEmbed
 from timm.models import register_notrace_function
 
-__all__ = ["PatchProjection", "use_patch_projection"]
+__all__ = ["PatchProjection", "use_patch_gemm", "use_patch_projection"]
 
 
 class PatchProjection(nn.Conv2d):
@@ -80,3 +85,10 @@ def use_patch_projection(patch_embed: nn.Module) -> Optional[PatchProjection]:
         return None
     patch_embed.proj = PatchProjection.from_conv(conv)
     return patch_embed.proj
+
+
+def use_patch_gemm(model: nn.Module) -> int:
+    """Give every timm ``PatchEmbed`` in ``model`` a :class:`PatchProjection` (in place; parameters and state dict
+    unchanged). Works on any timm ViT / DeiT / Swin and on the STViT models alike. Returns how many projections
+    were swapped (0: no plain patchifying patch embedding, e.g. STViT-R-Swin's convolutional stem)."""
+    return sum(use_patch_projection(m) is not None for m in model.modules() if isinstance(m, PatchEmbed))

@@ -1,5 +1,6 @@
 """STViT model families. Importing this package registers every model with timm."""
 
+from ..layers import use_patch_gemm
 from . import (
     deit,  # noqa: F401
     swin,  # noqa: F401
@@ -11,4 +12,5 @@ __all__ = [
     "RecoverySwinTransformer",
     "RecoveryVisionTransformer",
     "SemanticVisionTransformer",
+    "use_patch_gemm",
 ]

@@ -42,7 +42,6 @@ from ..layers import (
     self_to_cross_attention_keys,
     semantic_grid,
     take_indices,
-    use_patch_projection,
 )
 
 __all__ = ["RecoveryVisionTransformer", "SemanticVisionTransformer", "checkpoint_filter_fn", "recovery_checkpoint_filter_fn"]
@@ -171,7 +170,6 @@ class SemanticVisionTransformer(_TokenMapFeatures, VisionTransformer):
             drop_path_rate=drop_path_rate,
             **kwargs,
         )
-        use_patch_projection(self.patch_embed)  # the patch convolution as one GEMM on CUDA (layers/patch.py)
         self.num_semantic_tokens = num_semantic_tokens
         self.num_image_blocks = num_image_blocks
         self.generator_depth = generator_depth
@@ -496,7 +494,6 @@ class RecoveryVisionTransformer(_TokenMapFeatures, VisionTransformer):
         _any_size_padding(kwargs)
         semantic_grid(num_semantic_tokens)
         super().__init__(depth=depth, drop_path_rate=drop_path_rate, **kwargs)
-        use_patch_projection(self.patch_embed)  # the patch convolution as one GEMM on CUDA (layers/patch.py)
         self.num_semantic_tokens = num_semantic_tokens
         blocks = list(self.blocks)
         ref = blocks[0]

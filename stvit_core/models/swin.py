@@ -73,7 +73,6 @@ from ..layers import (
     dumbbell_unit_keys,
     semantic_grid,
     take_indices,
-    use_patch_projection,
     window_grid,
 )
 
@@ -164,7 +163,6 @@ class PaddedPatchEmbed(PatchEmbed):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["dynamic_img_pad"] = True
         super().__init__(*args, **kwargs)
-        use_patch_projection(self)  # the patch convolution as one GEMM on CUDA (layers/patch.py)
 
     def _init_img_size(self, img_size: Union[int, Tuple[int, int]]):
         img_size, _, _ = super()._init_img_size(img_size)
