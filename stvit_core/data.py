@@ -4,8 +4,8 @@ Layout: an ImageFolder tree, ``ROOT/{train,val}/<class_name>/*.png|jpg|...`` (Im
 split synonyms ``validation``/``val``/``eval`` are accepted). Class indices are the folder names in timm's
 natural sort order unless a ``class_map`` (name -> index) is given, e.g. the ImageNet-1k synset order.
 
-Images are decoded in RGB (``input_img_mode='RGB'``), so grey images such as Fashion-MNIST feed an RGB
-model as three equal channels.
+Images are read by :func:`stvit_core.images.read_image` (upright, 8-bit RGB), so grey images such as
+Fashion-MNIST feed an RGB model as three equal channels; folders take :data:`stvit_core.images.IMAGE_EXTENSIONS`.
 
 Corrupt images: **fail with a clear error**. timm's ``ImageDataset`` silently substitutes the next sample
 when one cannot be decoded, which changes what a run trains on and makes counts wrong; here a file that
@@ -34,6 +34,7 @@ import torch.utils.data
 from PIL import Image
 
 from .errors import DataError
+from .images import IMAGE_EXTENSIONS, no_images_message, read_image
 
 _logger = logging.getLogger(__name__)
 
@@ -107,12 +108,13 @@ class StrictImageDataset(torch.utils.data.Dataset):
         from timm.data.readers import create_reader
 
         self.folder = Path(folder)
-        try:
-            self.reader = create_reader("", root=str(self.folder), class_map=dict(class_map) if class_map else "")
-        except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
-            raise DataError(f"no images in {self.folder}: {str(e).splitlines()[0]}") from None
+        try:  # input_key: the extensions timm's folder reader takes (stvit_core.images, not timm's default three)
+            self.reader = create_reader("", root=str(self.folder), class_map=dict(class_map) if class_map else "",
+                                        input_key=";".join(IMAGE_EXTENSIONS))
+        except RuntimeError:  # timm: "Found 0 images in subfolders of ..."
+            raise DataError(no_images_message(self.folder)) from None
         if len(self.reader) == 0:
-            raise DataError(f"no images in {self.folder}")
+            raise DataError(no_images_message(self.folder))
         self.class_to_idx: Dict[str, int] = dict(self.reader.class_to_idx)
         self.transform = transform
         self.seed = seed
@@ -133,12 +135,7 @@ class StrictImageDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> Tuple[Image.Image, int]:
         path, target = self.reader.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"cannot read image {path}: {e}") from None
-        return img, target
+        return read_image(path), target
 
     def __getitem__(self, index: int):
         img, target = self.load(index)

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .errors import DataError, InvalidArgumentError
+from .images import find_images, read_image
 
-__all__ = ["OnnxClassifier", "TorchClassifier", "class_names", "find_images", "load_classifier", "predict_images",
-           "read_image"]
+__all__ = ["OnnxClassifier", "TorchClassifier", "class_names", "load_classifier", "predict_images"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -44,42 +44,6 @@ def class_names(model: nn.Module) -> Optional[List[str]]:
         return None
     info = ImageNetInfo(subset)
     return [info.index_to_description(i) for i in range(info.num_classes())]
-
-
-def find_images(paths: Sequence[PathLike]) -> Tuple[List[Path], List[Dict[str, str]]]:
-    """Files as given, and the image files under each directory (recursively, timm's image extensions, natural
-    order); plus an error for each path that does not exist and each directory without images."""
-    from timm.data.readers.img_extensions import get_img_extensions
-    from timm.utils import natural_key
-
-    extensions = get_img_extensions(as_set=True)
-    images: List[Path] = []
-    errors: List[Dict[str, str]] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            # a broken symlink is listed too, so that it is reported as unreadable rather than skipped unsaid
-            found = [p for p in path.rglob("*") if p.suffix.lower() in extensions
-                     and (p.is_file() or (p.is_symlink() and not p.exists()))]
-            if not found:
-                errors.append({"image": str(path), "error": f"no images in {path} ({', '.join(sorted(extensions))})"})
-            images.extend(sorted(found, key=lambda p: natural_key(str(p.relative_to(path)))))
-        elif path.exists():
-            images.append(path)
-        else:
-            errors.append({"image": str(path), "error": f"cannot read {path}: No such file or directory"})
-    return images, errors
-
-
-def read_image(path: Path) -> Any:
-    """The image at ``path`` in RGB (as every dataset of stvit reads it); DataError naming the file otherwise."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        reason = str(e).split(str(path))[0].rstrip(" '\"") or type(e).__name__
-        raise DataError(f"cannot read image {path}: {reason}") from None
 
 
 class TorchClassifier:
