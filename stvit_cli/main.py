@@ -4,8 +4,8 @@ Every failure a user can cause ends the same way, whatever the command: one line
 a non-zero exit code, never a traceback (see docs/cli.md):
 
 * 2: a usage error found by click (unknown option, value out of range, missing argument) or an invalid
-  argument found by stvit_core (``InvalidArgumentError``); library argument names in the message are
-  replaced by the option the user typed (``num_semantic_tokens`` -> ``--tokens``);
+  argument found by stvit_core (``InvalidArgumentError``), whose parameter fields are written as the option the
+  user typed (``num_semantic_tokens`` -> ``--tokens``);
 * 1: any other ``StvitError`` (missing or corrupt file, offline download, existing output...) and any
   ``OSError`` (a path that cannot be written or read: ``cannot write PATH: REASON``);
 * 130: interrupted (Ctrl-C).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import click
 
@@ -26,7 +26,7 @@ from .commands._common import RecordingGroup
 
 
 def _option_names(commands: Iterable[click.Command]) -> Dict[str, Tuple[str, bool]]:
-    """Library argument name -> (the option's long flag, is it a flag) for the options of the commands run."""
+    """Library parameter name -> (the option's long flag, is it a flag) for the options of the commands run."""
     names: Dict[str, Tuple[str, bool]] = {}
     for command in commands:
         for param in command.params:
@@ -38,18 +38,16 @@ def _option_names(commands: Iterable[click.Command]) -> Dict[str, Tuple[str, boo
     return names
 
 
-def in_cli_terms(message: str, names: Dict[str, Tuple[str, bool]]) -> str:
-    """Replace library argument names by the options the user typed: ``num_semantic_tokens=-4`` -> ``--tokens -4``.
+def cli_terms(names: Dict[str, Tuple[str, bool]]) -> Callable[[str, Any, bool], str]:
+    """How an InvalidArgumentError's parameter fields read in the CLI: the option the user typed
+    (``{num_semantic_tokens=}`` with -4 -> ``--tokens -4``; a flag alone: ``--recovery``)."""
+    def term(name: str, value: Any, with_value: bool) -> str:
+        if name not in names:
+            return f"{name}={value}" if with_value else name
+        flag, is_flag = names[name]
+        return f"{flag} {value}" if with_value and not is_flag else flag
 
-    Bare names are replaced only when they contain an underscore (so ``force`` or ``model`` in prose stay).
-    """
-    for name, (flag, is_flag) in sorted(names.items(), key=lambda item: -len(item[0])):
-        edge, end = r"(?<![\w\-/.])", r"(?![\w/])"
-        message = re.sub(rf"{edge}{re.escape(name)}=(\S+?)(?=[\s,;:)]|$)",
-                         lambda m, f=flag, b=is_flag: f if b else f"{f} {m.group(1)}", message)
-        if "_" in name:
-            message = re.sub(rf"{edge}{re.escape(name)}{end}", flag, message)
-    return message
+    return term
 
 
 def _first_empty_argument(args: Sequence[str]) -> Optional[str]:
@@ -120,7 +118,7 @@ class StvitGroup(RecordingGroup):
                 raise
             message = str(e)
             if isinstance(e, errors.InvalidArgumentError):
-                message = in_cli_terms(message, _option_names(ctx.meta.get("stvit.commands", [])))
+                message = e.render(cli_terms(_option_names(ctx.meta.get("stvit.commands", []))))
             click.echo(f"Error: {errors.first_line(message, limit=2000)}", err=True)
             ctx.exit(e.exit_code)
 

@@ -3,13 +3,21 @@
 Importing this package registers the STViT models with timm's registry, so that
 ``timm.create_model('stvit_deit_small_patch16_224')`` and ``timm.create_model('hf-hub:org/name')``
 work for STViT checkpoints.
+
+The public API: :func:`load_model` (every kind of model spec: a name to convert, an ``stvit_*`` name, a model
+directory, ``hf-hub:``), :func:`convert_model` (a timm model -> its STViT version), :func:`convert_to_directory`
+(``stvit convert``), :func:`save_model` and :func:`count_flops`.
 """
 
-__version__ = "0.1.0"
+from . import models  # (registers the models with timm)
+from .checkpoint import save_model
+from .convert import convert_model, convert_to_directory
+from .errors import StvitError
+from .flops import count_flops
+from .loading import load_model
+from .version import __version__
 
-from . import models  # noqa: F401,E402  (registers the models with timm)
-from .checkpoint import load_model, save_model  # noqa: E402
-from .errors import StvitError  # noqa: E402
-from .flops import count_flops  # noqa: E402
-
-__all__ = ["__version__", "count_flops", "load_model", "save_model", "StvitError", "models"]
+__all__ = [
+    "__version__", "convert_model", "convert_to_directory", "count_flops", "load_model", "models", "save_model",
+    "StvitError",
+]

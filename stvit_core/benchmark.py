@@ -13,6 +13,7 @@ onnxruntime in the same process, with the same alternating rounds and the same r
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import statistics
@@ -21,13 +22,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.benchmark import Timer
 
+from .checkpoint import names_a_saved_model
 from .device import resolve_device
 from .env import memory_allocator
-from .errors import CheckpointError, DownloadError, InvalidArgumentError, first_line
+from .errors import InvalidArgumentError, require_extra
+from .export import to_onnx, trace_model
+from .files import atomic_write_bytes
 from .flops import count_flops, count_params
+from .loading import base_model_for, load_model
+from .onnx_runtime import ONNX_MODULES, onnx_providers, onnx_session
 
 __all__ = ["RUNTIMES", "BenchmarkSettings", "benchmark_batch_sizes", "benchmark_models", "benchmark_pair",
            "check_settings", "make_step", "models_for_benchmark", "plot_batch_sizes", "step_factories"]
@@ -76,8 +84,6 @@ def check_settings(settings: BenchmarkSettings) -> torch.device:
 
 def _check_onnxruntime_settings(settings: BenchmarkSettings) -> torch.device:
     """onnxruntime runs the exported inference graph in float32: torch-only settings cannot apply."""
-    from .export import ONNX_MODULES, onnx_providers, require_extra
-
     torch_only = {"bench=train": settings.bench != "inference", f"dtype={settings.dtype}": settings.dtype != "float32",
                   "compile=True": settings.compile, "cuda_graphs=True": settings.cuda_graphs,
                   "channels_last=True": settings.channels_last}
@@ -150,16 +156,12 @@ def _make_step(model: nn.Module, x: torch.Tensor, settings: BenchmarkSettings) -
 
 
 def _timer(step: Callable[[], Any]) -> Any:
-    from torch.utils.benchmark import Timer
-
     # Timer would time on one thread by default; measure with the threads the process runs with
     return Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
 
 
 def _onnx_session(model: nn.Module, input_size: Sequence[int], settings: BenchmarkSettings) -> Any:
     """``model`` exported to ONNX with a dynamic batch (as ``stvit export`` does) in an onnxruntime session."""
-    from .export import onnx_providers, onnx_session, to_onnx, trace_model
-
     example = torch.randn(2, *input_size)
     program = trace_model(model.eval().cpu(), example, dynamic_batch=True)
     proto = to_onnx(program, example, output_names=["output"]).model_proto.SerializeToString()
@@ -247,8 +249,6 @@ def _alternating_rounds(timers: Dict[str, Any], iters: Dict[str, int], settings:
 
 
 def _percentiles(seconds: Sequence[float]) -> Dict[str, Any]:
-    import numpy as np
-
     ms = np.asarray(seconds) * 1e3
     return {"p50": round(float(np.percentile(ms, 50)), 3), "p95": round(float(np.percentile(ms, 95)), 3),
             "steps": len(ms)}
@@ -332,11 +332,6 @@ def plot_batch_sizes(results: Sequence[Dict[str, Any]], path: Union[str, os.Path
                      labels: Tuple[str, str] = ("base", "STViT")) -> Path:
     """A PNG of throughput and p50 latency (p95 as the bar's top) against batch size for both models, written
     atomically. ``results``: :func:`benchmark_batch_sizes` with ``latency=True``."""
-    import io
-
-    from .checkpoint import atomic_write_bytes
-    from .export import require_extra
-
     require_extra("plot", ("matplotlib",), "the plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -371,76 +366,16 @@ def _device_name(device: torch.device) -> str:
 
 
 def models_for_benchmark(
-    spec: str, num_semantic_tokens: Optional[int] = None, stvit_kwargs: Optional[Dict[str, Any]] = None,
-    **kwargs: Any,
+    spec: str, *, num_semantic_tokens: Optional[int] = None, semantic_tokens_per_window: Optional[int] = None,
+    recovery: Optional[bool] = None,
 ) -> Tuple[nn.Module, nn.Module, str]:
     """``(base, stvit, source_name)`` for ``spec``: a source name (``deit_small``, a timm ViT, ``swin_small``)
-    converted with ``num_semantic_tokens`` (``stvit_kwargs``: ``semantic_tokens_per_window`` for Swin,
-    ``recovery=True``...), or a saved STViT model (directory or ``hf-hub:``) with its source architecture,
-    which takes no conversion arguments.
+    converted with the token options, or a saved STViT model (directory or ``hf-hub:``, which takes none), and
+    its source architecture shaped as it is (:func:`stvit_core.loading.base_model_for`).
 
-    Weights do not matter for timing, so source models are randomly initialised (nothing is downloaded).
+    Weights do not matter for timing, so models built from names are randomly initialised (nothing is downloaded).
     """
-    import timm
-
-    from .checkpoint import load_model, names_a_saved_model
-    from .convert import convert_model, resolve_source_name
-
-    stvit_kwargs = dict(stvit_kwargs or {})
-    if names_a_saved_model(spec):
-        given = sorted(f"{k}={v}" for k, v in dict(stvit_kwargs, num_semantic_tokens=num_semantic_tokens).items()
-                       if v not in (None, False))  # name=value: the CLI shows it as the option typed
-        if given:
-            raise InvalidArgumentError(f"{', '.join(given)} cannot apply to a saved model ({spec}): it is timed "
-                                       "as it was converted")
-        stvit = load_model(spec)
-        source_name, model_args = _source_from_config(spec)
-        base = _base_like(source_name.split(".")[0], model_args, num_classes=stvit.num_classes,
-                          img_size=tuple(stvit.pretrained_cfg["input_size"][1:]))
-        return base, stvit, source_name
-    source_name = resolve_source_name(spec)
-    base = timm.create_model(source_name.split(".")[0], pretrained=False, **kwargs)
-    stvit = convert_model(base, num_semantic_tokens=num_semantic_tokens, **stvit_kwargs)
-    return base, stvit, source_name
-
-
-def _base_like(arch: str, model_args: Dict[str, Any], **kwargs: Any) -> nn.Module:
-    """The source architecture shaped as the saved model was (patch size, width, depth... from its
-    ``model_args``): the arguments the base model's class takes; the semantic-token ones it does not take."""
-    import inspect
-
-    import timm
-
-    with torch.device("meta"):
-        cls = type(timm.create_model(arch, pretrained=False))
-    takes = inspect.signature(cls.__init__).parameters
-    args = {k: v for k, v in model_args.items() if k in takes}
-    try:
-        return timm.create_model(arch, pretrained=False, **{**args, **kwargs})
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot build the base model {arch} shaped as the saved one: {first_line(e)}") from None
-
-
-def _source_from_config(spec: str) -> Tuple[str, Dict[str, Any]]:
-    """The saved model's source model name and its ``model_args``."""
-    import json
-
-    from .checkpoint import CONFIG_NAME, read_config
-
-    if spec.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-
-        from .hub import split_repo_spec
-
-        repo, revision = split_repo_spec(spec)
-        try:  # load_model has just fetched it: this is a cache hit
-            with open(hf_hub_download(repo, CONFIG_NAME, revision=revision)) as f:
-                cfg = json.load(f)
-        except Exception as e:
-            raise DownloadError(f"cannot read the config of {spec}: {first_line(e)}") from None
-    else:
-        cfg = read_config(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec)
-    source = (cfg.get("stvit") or {}).get("source_model")
-    if not source:
-        raise CheckpointError(f"{spec} does not record its source model (config.json 'stvit.source_model')")
-    return source, dict(cfg.get("model_args") or {})
+    stvit = load_model(spec, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
+                       recovery=recovery, pretrained=names_a_saved_model(spec), convert=True)
+    base = base_model_for(stvit)
+    return base, stvit, stvit.stvit_metadata["source_model"]

@@ -6,33 +6,29 @@ A model directory holds ``config.json`` in timm's Hugging Face Hub format (archi
 ``timm.create_model('hf-hub:org/name', pretrained=True)``. An extra ``stvit`` key in config.json records
 where the model came from (source model, GFLOPs...) for model cards and reports; timm ignores it.
 
-Directories are written next to their final place under a temporary name and renamed when complete, so a
-crash or a full disk never leaves a half-written model behind.
+Directories are written through :func:`stvit_core.files.atomic_directory`, so a crash or a full disk never
+leaves a half-written model behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from timm.models import load_state_dict, save_for_hf
 
-from .errors import (
-    CheckpointError,
-    DownloadError,
-    InvalidArgumentError,
-    OutputExistsError,
-    StvitError,
-    first_line,
-)
+from .errors import CheckpointError, DownloadError, StvitError, first_line
+from .files import atomic_directory
+from .hub_access import require_hub_files, split_repo_spec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -41,80 +37,6 @@ PathLike = Union[str, os.PathLike]
 # Config objects that training scripts pickle next to the weights, read as plain containers (never executed):
 # yacs' CfgNode (Swin / STViT-R checkpoints: {'model': ..., 'config': CfgNode}) is a dict subclass.
 _CONFIG_STANDINS = [(OrderedDict, "yacs.config.CfgNode"), set]
-
-
-def file_in_the_way(folder: Path) -> Optional[Path]:
-    """The first of ``folder`` and its parents that exists as something other than a folder (so nothing can be
-    written under ``folder``), or None."""
-    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-
-
-@contextlib.contextmanager
-def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``output_dir`` only if the block succeeds.
-
-    Raises OutputExistsError when ``output_dir`` exists and ``force`` is False, before any work is done.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not force:
-        raise OutputExistsError(f"{output_dir} already exists (use --force to overwrite)")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise OutputExistsError(f"{output_dir} exists and is not a directory")
-    parent = output_dir.parent if str(output_dir.parent) else Path(".")
-    blocking_file = file_in_the_way(parent)
-    if blocking_file is not None:
-        raise StvitError(f"cannot write {output_dir}: {blocking_file} is a file, not a folder")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
-    except OSError as e:  # name the output the user gave, not the folder its temporary sibling was made in
-        raise StvitError(f"cannot write {output_dir}: {e.strerror or e}") from None
-    try:
-        yield tmp
-        umask = _umask()
-        for path in (tmp, *tmp.rglob("*")):  # mkdtemp makes 0700; safetensors, like mkstemp, writes 0600
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        old = None
-        if output_dir.exists():
-            old = parent / f".{output_dir.name}.old-{os.getpid()}"
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StvitError(f"cannot write {output_dir}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    # Temporary names are created private (mkstemp 0600, mkdtemp 0700); what is renamed into place gets the
-    # permissions a plain open()/mkdir() would give, so that a team can read a shared output directory.
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write a file under a temporary name in the same directory, then rename it into place."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    except OSError as e:
-        raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk, a folder in the way: name the file, not the temporary name
-            raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
 
 
 def model_args_of(model: nn.Module) -> Dict[str, Any]:
@@ -141,8 +63,6 @@ def save_model(
         model_args: constructor keyword arguments that rebuild the architecture (recorded as timm's
             ``model_args``); defaults to what the STViT constructors recorded on the model.
     """
-    from timm.models import save_for_hf
-
     args = model_args_of(model)
     args.update(model_args or {})
     model_config: Dict[str, Any] = {}
@@ -175,10 +95,6 @@ def read_config(model_dir: PathLike) -> Dict[str, Any]:
     return cfg
 
 
-def is_model_dir(path: PathLike) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
-
-
 def names_a_path(spec: Union[str, PathLike]) -> bool:
     """Whether a model spec is meant as a path (it exists, has a separator, or starts with '.') rather than a
     model name: such a spec is loaded as a model directory, so that a folder without config.json or a missing
@@ -193,47 +109,40 @@ def names_a_saved_model(spec: Union[str, PathLike]) -> bool:
     return str(spec).startswith(("hf-hub:", "local-dir:")) or names_a_path(spec)
 
 
-def load_model(spec: Union[str, PathLike], *, pretrained: bool = True, **kwargs: Any) -> nn.Module:
-    """Load a model from a directory, ``local-dir:DIR``, ``hf-hub:org/name[@revision]`` or a timm name.
+def load_saved_model(spec: Union[str, PathLike], **kwargs: Any) -> nn.Module:
+    """A saved model: a directory, ``local-dir:DIR`` or ``hf-hub:org/name[@revision]``, with its weights.
 
-    Directories and Hub repos are built by timm itself (``local-dir:`` / ``hf-hub:``), so this returns
-    exactly what ``timm.create_model(..., pretrained=True)`` returns; errors become one-line
-    :class:`StvitError` messages. Downloads fail at once when offline (see :func:`stvit_core.hub.require_hub`).
-    Extra keyword arguments go to ``timm.create_model`` (e.g. ``num_classes``).
+    timm builds it (``local-dir:`` / ``hf-hub:``), so this returns exactly what ``timm.create_model(...,
+    pretrained=True)`` returns; errors become one-line :class:`StvitError` messages, and downloads fail at once
+    when offline. Keyword arguments go to ``timm.create_model`` (e.g. ``num_classes``, ``features_only``).
+    Most callers want :func:`stvit_core.load_model`, which takes every kind of model spec.
     """
-    import timm
-
-    from . import models  # noqa: F401  (make sure our architectures are registered)
-
     spec = str(spec)
-    if spec.startswith("local-dir:"):
-        spec = spec[len("local-dir:"):]
     if spec.startswith("hf-hub:"):
-        return _create_from_hub(spec, pretrained=pretrained, **kwargs)
-    if names_a_path(spec):
-        return _create_from_directory(Path(spec), pretrained=pretrained, **kwargs)
-    if not timm.is_model(spec):
-        raise InvalidArgumentError(f"unknown model {spec!r}: not a directory, 'hf-hub:' id or timm model name")
-    if pretrained:
-        from .hub import require_pretrained_weights
+        return _create_from_hub(spec, **kwargs)
+    return _create_from_directory(Path(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec), **kwargs)
 
-        require_pretrained_weights(spec)
-    try:
-        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+
+def read_saved_config(spec: Union[str, PathLike]) -> Dict[str, Any]:
+    """The config.json of a saved model (a directory, ``local-dir:DIR`` or ``hf-hub:org/name[@rev]``)."""
+    spec = str(spec)
+    if not spec.startswith("hf-hub:"):
+        return read_config(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec)
+    repo_id, revision = split_repo_spec(spec)
+    try:  # a cache hit once the model has been loaded
+        return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision)).read_text())
     except Exception as e:
-        raise DownloadError(f"cannot load pretrained weights for {spec}: {first_line(e)}") from None
+        raise DownloadError(f"cannot read the config of {spec}: {first_line(e)}") from None
 
 
-def _create_from_directory(path: Path, *, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import timm
-
+def _create_from_directory(path: Path, **kwargs: Any) -> nn.Module:
     cfg = read_config(path)
     if not timm.is_model(cfg["architecture"]):
         raise CheckpointError(f"{path}: unknown architecture {cfg['architecture']!r}")
-    if pretrained and not (path / WEIGHTS_NAME).is_file() and not (path / "pytorch_model.bin").is_file():
+    if not (path / WEIGHTS_NAME).is_file() and not (path / "pytorch_model.bin").is_file():
         raise CheckpointError(f"{path} has no weights file ({WEIGHTS_NAME})")
     try:
-        return timm.create_model(f"local-dir:{path}", pretrained=pretrained, **kwargs)
+        return timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs)
     except StvitError:
         raise
     except Exception as e:  # corrupt safetensors, config and weights that disagree...
@@ -243,9 +152,6 @@ def _create_from_directory(path: Path, *, pretrained: bool, **kwargs: Any) -> nn
 
 def _directory_mismatch(path: Path, cfg: Mapping[str, Any], kwargs: Mapping[str, Any]) -> Optional[str]:
     """How config.json's model and the weights file differ (keys, shapes), or None when they do not."""
-    import timm
-    from safetensors import safe_open
-
     try:
         with torch.device("meta"):
             model = timm.create_model(cfg["architecture"], **{**(cfg.get("model_args") or {}),
@@ -258,16 +164,11 @@ def _directory_mismatch(path: Path, cfg: Mapping[str, Any], kwargs: Mapping[str,
     return f"{CONFIG_NAME} and {WEIGHTS_NAME} disagree: {mismatch}" if mismatch else None
 
 
-def _create_from_hub(spec: str, *, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import timm
-
-    from .hub import require_hub_files, split_repo_spec
-
+def _create_from_hub(spec: str, **kwargs: Any) -> nn.Module:
     repo_id, revision = split_repo_spec(spec)  # an empty revision (org/name@) is an error, not main
-    needed = [(CONFIG_NAME,), (WEIGHTS_NAME, "pytorch_model.bin")] if pretrained else [(CONFIG_NAME,)]
-    require_hub_files(repo_id, needed, revision=revision, what=spec)
+    require_hub_files(repo_id, [(CONFIG_NAME,), (WEIGHTS_NAME, "pytorch_model.bin")], revision=revision, what=spec)
     try:
-        return timm.create_model(spec, pretrained=pretrained, **kwargs)
+        return timm.create_model(spec, pretrained=True, **kwargs)
     except Exception as e:
         raise DownloadError(f"cannot load {spec}: {first_line(e)}") from None
 
@@ -308,8 +209,6 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
     nested under ``state_dict_ema``/``model_ema``/``state_dict``/``model`` (timm's ``load_state_dict`` picks
     it, EMA weights first, and strips a DataParallel/DDP ``module.`` prefix).
     """
-    from timm.models import load_state_dict
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -1,43 +1,38 @@
 """Source model + weights -> STViT model.
 
-``convert('deit_small', num_semantic_tokens=16)`` builds timm's DeiT-S with its pretrained weights (normal timm /
-Hugging Face Hub download), or with a local ``checkpoint`` file, or randomly initialised with
-``pretrained=False``, and returns the STViT model carrying every one of its weights (see
-:func:`stvit_core.models.deit.checkpoint_filter_fn`). ``recovery=True`` gives STViT-R-DeiT instead.
-
-``convert('swin_small', semantic_tokens_per_window=9)`` does the same for timm's Swin (STViT-R-Swin, see
-:func:`stvit_core.models.swin.checkpoint_filter_fn`); a ``checkpoint`` in the official STViT-R release format
+:func:`convert_model` turns a timm DeiT/ViT into STViT (``recovery=True``: STViT-R) and a timm Swin into STViT-R,
+carrying every one of its weights (see :func:`stvit_core.models.deit.checkpoint_filter_fn` and
+:func:`stvit_core.models.swin.checkpoint_filter_fn`); :func:`convert_to_directory` is ``stvit convert``. Building
+the source from a name, with its pretrained weights or a local ``checkpoint``, is :func:`stvit_core.load_model`'s
+job (through :func:`convert_pair` here); a ``checkpoint`` in the official STViT-R release format
 (``STViT-R-Swin-S.pth`` / ``-B.pth``) is recognised and loaded as the released model (conv stem); one of the
 released COCO detectors (mmdetection format) gives its backbone, in the detection layout, without the neck and heads.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import load_state_dict_file, looks_like_stvit, save_model, state_dict_mismatch
-from .errors import CheckpointError, DownloadError, InvalidArgumentError, first_line
+from .errors import CheckpointError, DownloadError, InvalidArgumentError, OutputExistsError, first_line
 from .flops import count_flops, count_params
+from .hub_access import require_pretrained_weights
+from .models.deit import checkpoint_filter_fn as deit_checkpoint_filter_fn
+from .models.deit import recovery_checkpoint_filter_fn
+from .models.swin import checkpoint_filter_fn as swin_checkpoint_filter_fn
+from .models.swin import detection_backbone_state_dict, is_detector_state_dict, is_release_state_dict
 
-__all__ = [
-    "SOURCE_ALIASES",
-    "build_source_model",
-    "conversion_metadata",
-    "convert",
-    "convert_model",
-    "convert_pair",
-    "convert_detection_checkpoint",
-    "convert_release_checkpoint",
-    "convert_swin_model",
-    "convert_to_directory",
-    "convert_vit_recovery_model",
-    "default_output_name",
-    "resolve_source_name",
-]
+__all__ = ["SOURCE_ALIASES", "convert_model", "convert_to_directory", "default_output_name"]
 
 DEFAULT_TOKENS = 16  # DeiT/ViT: semantic tokens (the paper's headline setting)
 DEFAULT_TOKENS_PER_WINDOW = 9  # Swin: semantic tokens per 7x7 window (as released)
@@ -66,8 +61,6 @@ _SWIN_ARCHITECTURES = {
 
 def resolve_source_name(name: str) -> str:
     """Map a CLI alias or timm name to a timm model name; raise a one-line error for unknown names."""
-    import timm
-
     name = SOURCE_ALIASES.get(name, name)
     base = name.split(".")[0]
     if not timm.is_model(base):
@@ -77,7 +70,7 @@ def resolve_source_name(name: str) -> str:
     return name
 
 
-def build_source_model(
+def load_source_model(
     name: str,
     *,
     pretrained: bool = True,
@@ -85,10 +78,6 @@ def build_source_model(
     **kwargs: Any,
 ) -> nn.Module:
     """The source model with its weights: a local checkpoint, timm's pretrained weights, or random init."""
-    import timm
-
-    from .hub import require_pretrained_weights
-
     name = resolve_source_name(name)
     if "img_size" in kwargs:
         _check_img_size(name, kwargs)
@@ -106,8 +95,6 @@ def build_source_model(
 
 def _check_img_size(name: str, kwargs: Dict[str, Any]) -> None:
     """An image size that is not a whole number of patches: timm's patch embedding would drop the remainder."""
-    import timm
-
     with torch.device("meta"):  # the layout only, before any download
         patch = tuple(timm.create_model(name, pretrained=False, **kwargs).patch_embed.patch_size)
     size = kwargs["img_size"]
@@ -118,8 +105,6 @@ def _check_img_size(name: str, kwargs: Dict[str, Any]) -> None:
 
 
 def _source_from_checkpoint(name: str, checkpoint: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
-    import timm
-
     state_dict = load_state_dict_file(checkpoint)
     if looks_like_stvit(state_dict):
         raise CheckpointError(
@@ -142,8 +127,6 @@ def _source_from_checkpoint(name: str, checkpoint: Union[str, os.PathLike], **kw
 
 def _source_filter(model: nn.Module):
     """The checkpoint filter timm uses for ``model``'s family (handles foreign layouts, resampling)."""
-    import importlib
-
     module = importlib.import_module(type(model).__module__)
     fn = getattr(module, "checkpoint_filter_fn", None)
     if fn is None:
@@ -152,8 +135,6 @@ def _source_filter(model: nn.Module):
 
 
 def _vit_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
-    from timm.models.vision_transformer import VisionTransformer
-
     if not isinstance(source, VisionTransformer):
         raise InvalidArgumentError(f"cannot convert {type(source).__name__}: expected a timm DeiT/ViT model")
     if getattr(source, "attn_pool", None) is not None or getattr(source, "num_reg_tokens", 0):
@@ -205,10 +186,6 @@ def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = Non
     (``num_image_blocks``, ``semantic_token_pool``, ``global_semantic_tokens``, ``global_pool``...).
     Preprocessing (mean, std, crop) is the source's.
     """
-    from timm.models.swin_transformer import SwinTransformer
-
-    from .models.deit import checkpoint_filter_fn
-
     is_swin = isinstance(source, SwinTransformer)
     _tokens_for_family(is_swin, num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
     recovery = kwargs.pop("recovery", None)
@@ -216,23 +193,21 @@ def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = Non
         if recovery is False:
             raise InvalidArgumentError("Swin converts to STViT-R only (dumbbell units in stage 3)")
         _check_recovery_for_family(True, recovery)
-        return convert_swin_model(source, **kwargs)
+        return _convert_swin(source, **kwargs)
     kwargs.pop("semantic_tokens_per_window", None)
     tokens = DEFAULT_TOKENS if num_semantic_tokens is None else num_semantic_tokens
     if recovery:
-        return convert_vit_recovery_model(source, num_semantic_tokens=tokens, **kwargs)
+        return _convert_vit_recovery(source, num_semantic_tokens=tokens, **kwargs)
     arch, args = _vit_model_args(source)
     if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
         # a different readout than the source's: keep the class token only where it is read
         args.pop("class_token")
     args.update(kwargs, num_semantic_tokens=tokens)
-    return _build_converted(source, arch, args, checkpoint_filter_fn)
+    return _build_converted(source, arch, args, deit_checkpoint_filter_fn)
 
 
 def _build_converted(source: nn.Module, arch: str, args: Dict[str, Any], filter_fn) -> nn.Module:
     """Build ``arch(**args)``, load ``filter_fn(source's weights)`` strictly, keep the source's preprocessing."""
-    import timm
-
     try:
         model = timm.create_model(arch, pretrained=False, **args)
         state_dict = filter_fn(source.state_dict(), model)
@@ -256,11 +231,9 @@ def _json_args(args: Dict[str, Any]) -> Dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
 
 
-def convert_vit_recovery_model(source: nn.Module, *, num_semantic_tokens: int = DEFAULT_TOKENS,
+def _convert_vit_recovery(source: nn.Module, *, num_semantic_tokens: int = DEFAULT_TOKENS,
                                **kwargs: Any) -> nn.Module:
     """STViT-R-DeiT from a timm ViT/DeiT: its blocks regrouped into dumbbell units, every weight kept."""
-    from .models.deit import recovery_checkpoint_filter_fn
-
     if kwargs.pop("num_image_blocks", None) is not None:
         raise InvalidArgumentError("num_image_blocks does not apply to STViT-R (each dumbbell unit starts with one)")
     _, args = _vit_model_args(source)
@@ -292,15 +265,13 @@ def _swin_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return arch, args
 
 
-def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optional[int] = None,
+def _convert_swin(source: nn.Module, *, semantic_tokens_per_window: Optional[int] = None,
                        **kwargs: Any) -> nn.Module:
     """STViT-R-Swin from a timm Swin: stage 3 regrouped into dumbbell units, every surviving weight kept.
 
     The model keeps Swin's patch embedding (``stem='patch'``) unless ``stem='conv'`` is asked for (then the
     stem is newly initialised). See :func:`stvit_core.models.swin.checkpoint_filter_fn` for the mapping.
     """
-    from .models.swin import checkpoint_filter_fn
-
     _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
     if kwargs.pop("num_image_blocks", None) is not None:
         raise InvalidArgumentError("num_image_blocks does not apply to Swin (each dumbbell unit starts with one)")
@@ -310,13 +281,11 @@ def convert_swin_model(source: nn.Module, *, semantic_tokens_per_window: Optiona
     tokens = DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None else semantic_tokens_per_window
     args.update(stem="patch", semantic_tokens_per_window=tokens)
     args.update(kwargs)
-    return _build_converted(source, arch, args, checkpoint_filter_fn)
+    return _build_converted(source, arch, args, swin_checkpoint_filter_fn)
 
 
 def release_model_args(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """The STViT-R-Swin constructor arguments of an official release state dict (read off its shapes)."""
-    import re
-
     sd = state_dict
     num_layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.blocks\.", k)))
     depths = tuple(
@@ -352,7 +321,7 @@ def _release_architecture(args: Dict[str, Any], source_name: str) -> str:
     return arch
 
 
-def convert_release_checkpoint(
+def _convert_release_checkpoint(
     state_dict: Dict[str, Any], source_name: str, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any
 ) -> nn.Module:
     """An official STViT-R-Swin release state dict -> our model with identical outputs (conv stem).
@@ -384,20 +353,16 @@ def convert_release_checkpoint(
 
 def _build_release_model(arch: str, args: Dict[str, Any], state_dict: Dict[str, Any], what: str) -> nn.Module:
     """``arch`` built with ``args`` and the released ``state_dict`` loaded strictly (timm names, via the filter)."""
-    import timm
-
-    from .models.swin import checkpoint_filter_fn
-
     try:
         model = timm.create_model(arch, pretrained=False, **args)
-        filtered = checkpoint_filter_fn(state_dict, model)
+        filtered = swin_checkpoint_filter_fn(state_dict, model)
     except ValueError as e:
         raise CheckpointError(f"cannot convert the {what} checkpoint: {e}") from None
     _load_strictly(model, filtered, f"{what} checkpoint does not fit {arch}")
     return model
 
 
-def convert_detection_checkpoint(
+def _convert_detection_checkpoint(
     state_dict: Dict[str, Any], source_name: str, *, semantic_tokens_per_window: Optional[int] = None, **kwargs: Any
 ) -> nn.Module:
     """The backbone of a released STViT-R COCO detector (mmdetection 2.x: ``backbone.`` keys, the neck and heads
@@ -406,8 +371,6 @@ def convert_detection_checkpoint(
     Built for any input size (``dynamic_img_size=True``) unless ``img_size`` is given; load it as a feature
     backbone with ``timm.create_model('local-dir:DIR', pretrained=True, features_only=True)``.
     """
-
-    from .models.swin import detection_backbone_state_dict
 
     _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
     if kwargs.get("num_classes"):
@@ -442,26 +405,6 @@ def _copy_data_config(source: nn.Module, model: nn.Module) -> None:
     model.pretrained_cfg = cfg
 
 
-def convert(
-    source: str = "deit_small",
-    *,
-    num_semantic_tokens: Optional[int] = None,
-    pretrained: bool = True,
-    checkpoint: Optional[Union[str, os.PathLike]] = None,
-    source_kwargs: Optional[Dict[str, Any]] = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Build the source (``deit_small``, ``swin_small``, a timm name...) with its weights and convert it.
-
-    ``source_kwargs`` go to the source model (e.g. ``num_classes``, ``img_size``); ``kwargs`` to the STViT model
-    (``recovery=True`` for STViT-R-DeiT; ``semantic_tokens_per_window`` for Swin).
-    """
-    return convert_pair(
-        source, num_semantic_tokens=num_semantic_tokens, pretrained=pretrained, checkpoint=checkpoint,
-        source_kwargs=source_kwargs, **kwargs,
-    )[1]
-
-
 def convert_pair(
     source: str,
     *,
@@ -471,23 +414,22 @@ def convert_pair(
     source_kwargs: Optional[Dict[str, Any]] = None,
     **kwargs: Any,
 ) -> Tuple[nn.Module, nn.Module]:
-    """``(source model, STViT model)`` as :func:`convert` builds them.
+    """``(source model, STViT model)``: the source ``source`` names (``deit_small``, ``swin_small``, a timm name...)
+    with its weights, and its conversion. ``source_kwargs`` shape the source model (``num_classes``, ``img_size``),
+    ``kwargs`` the STViT model (``recovery=True`` for STViT-R-DeiT, ``semantic_tokens_per_window`` for Swin).
+    Most callers want :func:`stvit_core.load_model`.
 
     For an official STViT-R release checkpoint the source is the matching timm Swin with random weights on
     the meta device (it only serves as the FLOPs/params baseline).
     """
-    import timm
-
     name = resolve_source_name(source)
     _tokens_for_family(name.startswith("swin"), num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
     if checkpoint is not None and name.startswith("swin_"):
-        from .models.swin import detection_backbone_state_dict, is_detector_state_dict, is_release_state_dict
-
         state_dict = load_state_dict_file(checkpoint)
         if is_detector_state_dict(state_dict) and is_release_state_dict(detection_backbone_state_dict(state_dict)):
-            model = convert_detection_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
+            model = _convert_detection_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
         elif is_release_state_dict(state_dict):
-            model = convert_release_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
+            model = _convert_release_checkpoint(state_dict, name, **kwargs, **(source_kwargs or {}))
         else:
             model = None
         if model is not None:
@@ -495,7 +437,7 @@ def convert_pair(
                 base = timm.create_model(name.split(".")[0], pretrained=False, num_classes=model.num_classes,
                                          img_size=model.patch_embed.img_size)
             return base, model
-    src = build_source_model(name, pretrained=pretrained, checkpoint=checkpoint, **(source_kwargs or {}))
+    src = load_source_model(name, pretrained=pretrained, checkpoint=checkpoint, **(source_kwargs or {}))
     return src, convert_model(src, num_semantic_tokens=num_semantic_tokens, **kwargs)
 
 
@@ -546,10 +488,6 @@ def convert_to_directory(
     Every argument is checked before anything is downloaded or written; ``kwargs`` go to the STViT
     architecture. Returns the summary ``stvit convert --json`` prints.
     """
-    from pathlib import Path
-
-    from .errors import OutputExistsError
-
     name = resolve_source_name(model)
     _tokens_for_family(name.startswith("swin"), num_semantic_tokens, semantic_tokens_per_window)
     _check_recovery_for_family(name.startswith("swin"), recovery)

@@ -32,6 +32,10 @@ import torch
 import torch.nn as nn
 import torch.utils.data
 from PIL import Image
+from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_input_data_config
+from timm.data.readers import create_reader
+from timm.models import FeatureInfo
+from timm.utils import natural_key
 
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, no_images_message, read_image
@@ -84,8 +88,6 @@ def folder_classes(folder: PathLike) -> List[str]:
 
     Raises DataError when ``folder`` is missing or has no class folders.
     """
-    from timm.utils import natural_key
-
     folder = Path(folder)
     _require_folder(folder)
     names = sorted((p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=natural_key)
@@ -105,8 +107,6 @@ class StrictImageDataset(torch.utils.data.Dataset):
         transform: Optional[Any] = None,
         seed: Optional[int] = None,
     ) -> None:
-        from timm.data.readers import create_reader
-
         self.folder = Path(folder)
         try:  # input_key: the extensions timm's folder reader takes (stvit_core.images, not timm's default three)
             self.reader = create_reader("", root=str(self.folder), class_map=dict(class_map) if class_map else "",
@@ -184,16 +184,12 @@ def model_data_config(model: nn.Module, overrides: Optional[Mapping[str, Any]] =
 
     Uses the model's current input size (a DeiT built with ``img_size=32`` reports 32, not its default 224).
     """
-    from timm.data import resolve_input_data_config
-
     return dict(resolve_input_data_config(model, args={k: v for k, v in (overrides or {}).items() if v is not None}))
 
 
 def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augment: Optional[str] = None,
                     re_prob: float = 0.0, scale: Tuple[float, float] = (0.08, 1.0), hflip: float = 0.5):
     """timm's train (RandomResizedCrop, flip, RandAugment, random erasing) or eval (resize + crop) transform."""
-    from timm.data import create_transform
-
     common = dict(
         input_size=data_config["input_size"],
         interpolation=data_config.get("interpolation", "bicubic"),
@@ -221,8 +217,6 @@ def check_num_classes(dataset: StrictImageDataset, num_classes: int) -> None:
 
 def imagenet_class_map() -> Dict[str, int]:
     """ImageNet-1k synset -> class index, in timm's ``ImageNetInfo`` order (the order of every timm head)."""
-    from timm.data import ImageNetInfo
-
     return {synset: i for i, synset in enumerate(ImageNetInfo("imagenet-1k").label_names())}
 
 
@@ -246,6 +240,29 @@ def label_map_from_model(model: nn.Module) -> Optional[Dict[str, int]]:
     if isinstance(names, Sequence) and not isinstance(names, str) and names:
         return {str(n): i for i, n in enumerate(names)}
     return None
+
+
+def is_features_model(model: nn.Module) -> bool:
+    """A timm ``features_only`` model (it returns feature maps, not class scores)."""
+    # timm's features_only wrappers carry a FeatureInfo (public); classification models a plain list of dicts
+    return isinstance(getattr(model, "feature_info", None), FeatureInfo)
+
+
+def class_names(model: nn.Module) -> Optional[List[str]]:
+    """The model's class names: its ``label_names`` (models from ``stvit finetune`` record them), else the
+    ImageNet descriptions timm infers from a 1000/11k/21k-class head, else None (also for a features model)."""
+    if is_features_model(model):
+        return None
+    num_classes = getattr(model, "num_classes", None)
+    labels = label_map_from_model(model)
+    if labels:
+        names = sorted(labels, key=labels.get)
+        return names[:num_classes] if num_classes else names
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
 def folder_dataset(folder: PathLike, transform: Any, class_map: Optional[Mapping[str, int]] = None,

@@ -14,11 +14,18 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import timm
 import torch
 import torch.nn as nn
 
-from .checkpoint import atomic_write_bytes, save_model
+from .benchmark import BenchmarkSettings, benchmark_pair
+from .checkpoint import save_model
+from .convert import conversion_metadata, convert_model
+from .data import embedded_dataset_path
 from .errors import InvalidArgumentError, OutputExistsError, StvitError, TrainingInterrupted
+from .evaluate import evaluate_model
+from .files import atomic_write_bytes
+from .train import resolve_config, train
 
 DEMO_SOURCE_NAME = "deit_tiny_patch16_224"
 DEMO_SOURCE = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=2, num_classes=10)
@@ -36,9 +43,6 @@ def _prepare_output(output: Path, force: bool) -> None:
 
 def _convert(num_semantic_tokens: Optional[int], seed: int):
     """The demo's source (random DeiT-Tiny layout) and its STViT conversion, with config.json metadata."""
-    import timm
-
-    from .convert import conversion_metadata, convert_model
 
     torch.manual_seed(seed)
     source = timm.create_model(DEMO_SOURCE_NAME, pretrained=False, **DEMO_SOURCE).eval()
@@ -50,10 +54,6 @@ def _convert(num_semantic_tokens: Optional[int], seed: int):
 
 def _benchmark(source: nn.Module, stvit: nn.Module, num_semantic_tokens: int, log: Callable[[str], None]):
     """This model against its source, then the real DeiT-S at 224 px against its STViT version (CPU)."""
-    import timm
-
-    from .benchmark import BenchmarkSettings, benchmark_pair
-    from .convert import convert_model
 
     bench = benchmark_pair(source, stvit.eval(), BenchmarkSettings(batch_size=32, device="cpu", rounds=3,
                                                                     min_round_time=0.5))
@@ -82,9 +82,6 @@ def run_demo(
 
     ``num_semantic_tokens`` defaults to 16 (the paper's headline setting); the source has 64 image tokens.
     """
-    from .data import embedded_dataset_path
-    from .evaluate import evaluate_model
-    from .train import resolve_config, train
 
     log = log or (lambda message: None)
     if epochs < 1:

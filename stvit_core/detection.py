@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.utils.data
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import FeatureInfo
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -260,8 +262,6 @@ def train_detector(
     the caller's random state is left untouched. Returns the losses of every step; ``on_step(step, losses)``
     is called after each one.
     """
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
 
     if steps < 1 or batch_size < 1:
         raise InvalidArgumentError("steps and batch_size must be positive")

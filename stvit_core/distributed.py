@@ -13,6 +13,7 @@ from typing import Any, List, Optional
 
 import torch
 import torch.distributed
+from timm.utils import init_distributed_device, world_info_from_env
 
 from .device import resolve_device
 
@@ -39,7 +40,6 @@ class DistInfo:
 
 def setup_distributed(device: Optional[str] = None) -> DistInfo:
     """Resolve ``device`` (raises InvalidArgumentError before any work) and join the job's process group."""
-    from timm.utils import init_distributed_device, world_info_from_env
 
     resolved = resolve_device(device)
     if torch.distributed.is_initialized():  # joined already (train, then evaluate, in one process)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import platform
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Dict, List, Optional
+
+import huggingface_hub
+import safetensors
+import timm
+import torch
+from torch.utils.collect_env import get_env_info
+
+from .version import __version__
 
 
 def _version_of(name: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -30,8 +38,6 @@ def memory_allocator(maps: str = "/proc/self/maps") -> str:
     Benchmarks record it because at detection sizes it moves CPU timings by tens of percent: glibc returns every
     block above its mmap threshold to the OS, so each forward faults fresh pages in (docs/dense-tasks.md).
     """
-    import platform
-
     try:
         with open(maps) as f:
             mapped = {line.rsplit("/", 1)[-1].strip() for line in f if "/" in line}
@@ -46,14 +52,6 @@ def memory_allocator(maps: str = "/proc/self/maps") -> str:
 def environment_info() -> Dict[str, Any]:
     """Versions of stvit, Python, torch, torchvision, timm, huggingface_hub and safetensors, the OS, CUDA
     (compiled and runtime), cuDNN, the driver, the GPUs, torch's CPU threads and the memory allocator."""
-    import huggingface_hub
-    import safetensors
-    import timm
-    import torch
-    from torch.utils.collect_env import get_env_info
-
-    from . import __version__
-
     sysenv = get_env_info()
     return {
         "stvit": __version__,

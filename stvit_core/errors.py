@@ -7,8 +7,10 @@ error (``describe_os_error``). This module imports nothing heavy, so the CLI can
 from __future__ import annotations
 
 import errno
+import importlib
 import os
-from typing import Union
+import re
+from typing import Any, Callable, Optional, Sequence, Union
 
 
 class StvitError(Exception):
@@ -18,9 +20,43 @@ class StvitError(Exception):
 
 
 class InvalidArgumentError(StvitError, ValueError):
-    """An argument has a value the model or command cannot take."""
+    """An argument has a value the model or command cannot take.
+
+    The message may name library parameters as fields: ``{num_semantic_tokens}`` (the name) and
+    ``{num_semantic_tokens=}`` (name and value). Each field's parameter is passed as a keyword argument, with its
+    value (or None where only the name is shown); braces around any other text are left as they are, so a path
+    or value quoted in the message is never mistaken for a field. ``str(error)`` renders library names
+    (``num_semantic_tokens=-4``); the CLI renders the options the user typed (``--tokens -4``) with
+    :meth:`render`, so no message is rewritten after the fact.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, **values: Any) -> None:
+        self.template = message
+        self.values = values
+        self.params = list(values)
+        super().__init__(self.render())
+
+    def render(self, term: Optional[Callable[[str, Any, bool], str]] = None) -> str:
+        """The message with each field written by ``term(name, value, with_value)`` (library names by default)."""
+        term = term or _library_term
+
+        def field(m: "re.Match[str]") -> str:
+            name, with_value = m.group(1), bool(m.group(2))
+            return term(name, self.values[name], with_value) if name in self.values else m.group(0)
+
+        return _FIELD.sub(field, self.template)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+_FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(=?)\}")
+
+
+def _library_term(name: str, value: Any, with_value: bool) -> str:
+    return f"{name}={value}" if with_value else name
 
 
 class CheckpointError(StvitError):
@@ -37,6 +73,23 @@ class DownloadError(StvitError):
 
 class DataError(StvitError):
     """A dataset is missing, empty or does not match the model."""
+
+
+class MissingExtraError(StvitError):
+    """An optional dependency (a ``pip install stvit[EXTRA]`` extra) is not installed."""
+
+
+def require_extra(extra: str, modules: Sequence[str], purpose: str) -> None:
+    """Raise one line naming the missing ``modules`` and ``pip install 'stvit[EXTRA]'`` unless all import."""
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise MissingExtraError(f"{purpose} needs {', '.join(modules)} (missing: {', '.join(missing)}): "
+                                f"pip install 'stvit[{extra}]'")
 
 
 class TrainingInterrupted(StvitError):

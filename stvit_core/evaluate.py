@@ -22,11 +22,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data
+from timm.utils import AverageMeter, accuracy
+from tqdm import tqdm
 
 from . import data as stdata
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, setup_distributed
 from .errors import DataError, InvalidArgumentError, StvitError
+from .files import atomic_write_bytes
+from .flops import count_flops
+from .loading import load_model
 
 __all__ = ["RESULT_FIELDS", "eval_loader", "evaluate_model", "folder_class_map", "validate", "write_results_file"]
 
@@ -51,8 +56,6 @@ def eval_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int
 def validate(model: nn.Module, loader: torch.utils.data.DataLoader, dist: DistInfo, *, amp: Optional[str] = None,
              progress: bool = False) -> Dict[str, float]:
     """Top-1/top-5 accuracy (%), mean cross-entropy and image count, over every process's shard."""
-    from timm.utils import AverageMeter, accuracy
-    from tqdm import tqdm
 
     model.eval()
     loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
@@ -143,8 +146,6 @@ def evaluate_model(
     accepted too). Otherwise it is an ImageFolder of class folders (or a root with ``val/``). The result's
     ``warnings`` lists what the caller should show the user (class folders left out).
     """
-    from .checkpoint import load_model
-    from .flops import count_flops
 
     dist = setup_distributed(device)  # an unknown or missing device fails before any work
     if batch_size < 1:
@@ -187,7 +188,6 @@ def evaluate_model(
 
 def write_results_file(path: Union[str, Path], result: Dict[str, Any]) -> Path:
     """Write one result as CSV (header + row, like timm's validate.py) or JSON, chosen by the suffix."""
-    from .checkpoint import atomic_write_bytes
 
     path = Path(path)
     if path.suffix == ".json":

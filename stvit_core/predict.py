@@ -1,8 +1,8 @@
 """``stvit predict``: class names and probabilities per image, with the model's own preprocessing.
 
-Two runtimes, one preprocessing: a PyTorch model (anything :func:`stvit_core.export.load_stvit_model` takes)
-builds its transform from its ``pretrained_cfg`` (:func:`stvit_core.data.model_data_config`); an exported
-``.onnx`` file from the data config stored in its metadata (:func:`stvit_core.export.onnx_data_config`). Both go
+Two runtimes, one preprocessing: a PyTorch model (from :func:`stvit_core.load_model`) builds its transform from
+its ``pretrained_cfg`` (:func:`stvit_core.data.model_data_config`); an exported ``.onnx`` file from the data
+config stored in its metadata (:func:`stvit_core.onnx_runtime.onnx_data_config`). Both go
 through the same timm ``create_transform`` (:func:`stvit_core.data.build_transform`), so an image becomes the
 same input tensor either way.
 
@@ -19,31 +19,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .data import build_transform, class_names, model_data_config
+from .device import resolve_device
 from .errors import DataError, InvalidArgumentError
 from .images import find_images, read_image
+from .loading import load_model, require_stvit
+from .onnx_runtime import onnx_data_config, onnx_providers, onnx_session, read_onnx_metadata
 
-__all__ = ["OnnxClassifier", "TorchClassifier", "class_names", "load_classifier", "predict_images"]
+__all__ = ["OnnxClassifier", "TorchClassifier", "load_classifier", "predict_images"]
 
 PathLike = Union[str, os.PathLike]
-
-
-def class_names(model: nn.Module) -> Optional[List[str]]:
-    """The model's class names: its ``label_names`` (models from ``stvit finetune`` record them), else the
-    ImageNet descriptions timm infers from a 1000/11k/21k-class head, else None."""
-    from timm.data import ImageNetInfo, infer_imagenet_subset
-
-    from .data import label_map_from_model
-
-    num_classes = getattr(model, "num_classes", None)
-    labels = label_map_from_model(model)
-    if labels:
-        names = sorted(labels, key=labels.get)
-        return names[:num_classes] if num_classes else names
-    subset = infer_imagenet_subset(model)
-    if subset is None:
-        return None
-    info = ImageNetInfo(subset)
-    return [info.index_to_description(i) for i in range(info.num_classes())]
 
 
 class TorchClassifier:
@@ -52,9 +37,6 @@ class TorchClassifier:
     runtime = "torch"
 
     def __init__(self, model: nn.Module, device: Optional[str] = None) -> None:
-        from .data import build_transform, model_data_config
-        from .device import resolve_device
-
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.num_classes = int(model.num_classes)
@@ -73,9 +55,6 @@ class OnnxClassifier:
     runtime = "onnxruntime"
 
     def __init__(self, path: PathLike, device: Optional[str] = None) -> None:
-        from .data import build_transform
-        from .export import onnx_data_config, onnx_providers, onnx_session, read_onnx_metadata
-
         self.metadata = read_onnx_metadata(path)
         if self.metadata.get("output") == "features":
             raise InvalidArgumentError(f"{path} outputs feature maps (exported with --features): predict needs a "
@@ -107,18 +86,17 @@ Classifier = Union[TorchClassifier, OnnxClassifier]
 
 
 def load_classifier(spec: str, *, device: Optional[str] = None, **model_kwargs: Any) -> Classifier:
-    """An ``.onnx`` file (onnxruntime), or any model :func:`stvit_core.export.load_stvit_model` takes."""
-    from .export import load_stvit_model
-
+    """An ``.onnx`` file (onnxruntime), or an STViT model :func:`stvit_core.load_model` gives for ``spec``."""
     if spec.lower().endswith(".onnx"):
-        given = [f"{k}={v}" for k, v in sorted(model_kwargs.items()) if v not in (None, False)
-                 and not (k == "pretrained" and v is True)]
+        given = {k: v for k, v in sorted(model_kwargs.items()) if v not in (None, False)
+                 and not (k == "pretrained" and v is True)}
         if given:
-            raise InvalidArgumentError(f"{', '.join(given)} cannot apply to an ONNX file ({spec})")
+            fields = ", ".join(f"{{{name}=}}" for name in given)
+            raise InvalidArgumentError(f"{fields} cannot apply to an ONNX file ({spec})", **given)
         if not Path(spec).is_file():
             raise DataError(f"cannot read {spec}: No such file")
         return OnnxClassifier(spec, device=device)
-    return TorchClassifier(load_stvit_model(spec, **model_kwargs), device=device)
+    return TorchClassifier(require_stvit(load_model(spec, **model_kwargs), spec).eval(), device=device)
 
 
 def _top_k(probabilities: torch.Tensor, k: int, names: Optional[Sequence[str]]) -> List[List[Dict[str, Any]]]:

@@ -34,13 +34,20 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 import torch.nn as nn
 import torch.utils.data
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, random_seed
+from tqdm import tqdm
 
 from . import data as stdata
 from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from .errors import DataError, InvalidArgumentError, StvitError, TrainingInterrupted
 from .evaluate import eval_loader, validate
-from .train_models import DistillationLoss, create_model_for_training, teacher_for
+from .train_models import DistillationLoss, teacher_for
 from .train_outputs import (
     check_output_dir,
     export_model,
@@ -54,7 +61,7 @@ from .train_state import StopSignal, TrainState
 
 __all__ = [
     "RECIPES", "TrainConfig", "TrainData", "TrainState", "Optimisation", "TrainingInterrupted", "DistillationLoss",
-    "build_data", "build_optimisation", "create_model_for_training", "end_epoch", "resolve_config", "teacher_for",
+    "build_data", "build_optimisation", "end_epoch", "resolve_config", "teacher_for",
     "train", "train_one_epoch",
 ]
 
@@ -128,7 +135,6 @@ def resolve_config(recipe: Optional[str] = None, yaml_file: Optional[str] = None
     values: Dict[str, Any] = {}
     from_yaml: Dict[str, Any] = {}
     if yaml_file:
-        import yaml
 
         try:
             loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
@@ -229,11 +235,6 @@ class Optimisation:
 def build_optimisation(cfg: TrainConfig, model: nn.Module, teacher: Optional[nn.Module], data: TrainData,
                        dist: DistInfo) -> Optimisation:
     """timm's factories, as timm's train.py uses them; the lr scales linearly with the global batch."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, NativeScaler
 
     global_batch = cfg.batch_size * cfg.accum_steps * dist.world_size
     lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch / cfg.base_batch
@@ -266,7 +267,6 @@ def build_optimisation(cfg: TrainConfig, model: nn.Module, teacher: Optional[nn.
 def _forward_backward(model: nn.Module, state: TrainState, opt: Optimisation, images: torch.Tensor,
                       targets: torch.Tensor, cfg: TrainConfig, dist: DistInfo, need_update: bool) -> torch.Tensor:
     """One micro-batch: forward, backward and, when ``need_update``, clip and step (timm's train_one_epoch)."""
-    from timm.utils import dispatch_clip_grad
 
     images = images.to(dist.device, non_blocking=True)
     targets = targets.to(dist.device, non_blocking=True)
@@ -298,7 +298,6 @@ def train_one_epoch(model: nn.Module, state: TrainState, opt: Optimisation, data
     Saves a checkpoint every ``cfg.checkpoint_every_steps`` updates, and on SIGINT/SIGTERM before raising
     :class:`TrainingInterrupted`.
     """
-    from tqdm import tqdm
 
     if state.batches_done == 0:
         state.start_epoch_meters()
@@ -399,11 +398,10 @@ def train(
 
     ``on_resume`` receives where a ``resume`` continues (``path``, ``epoch``, ``batches_done``, ``step``,
     ``world_size``, ``checkpoint_world_size``), ``on_epoch_end`` each epoch's metrics row (rank 0 only).
-    ``model.stvit_metadata`` (set by :func:`create_model_for_training`), if any, is carried into
+    ``model.stvit_metadata`` (set by :func:`stvit_core.load_model`), if any, is carried into
     ``best/config.json``. Returns the last epoch's metrics plus ``best_top1``, ``best_epoch`` and ``output``.
     Raises :class:`TrainingInterrupted` after saving a checkpoint when SIGINT/SIGTERM arrives.
     """
-    from timm.utils import random_seed
 
     dist = setup_distributed(cfg.device)  # an unknown or missing device fails before any work
     out = check_output_dir(cfg.output, resume=bool(resume), force=force)

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch.nn as nn
+import yaml
+from timm.models import get_model_args
+from timm.utils import update_summary
 
-from .checkpoint import atomic_write_bytes, save_model
+from .checkpoint import save_model
 from .distributed import DistInfo
 from .errors import InvalidArgumentError, OutputExistsError, StvitError
+from .files import atomic_write_bytes
 
 __all__ = ["check_output_dir", "export_model", "model_record", "output_directory", "plot_curves", "write_metrics",
            "write_yaml"]
@@ -71,14 +75,11 @@ def output_directory(out: Path, dist: DistInfo) -> Iterator[Path]:
 
 
 def write_yaml(path: Path, values: Mapping[str, Any]) -> None:
-    import yaml
-
     atomic_write_bytes(path, yaml.safe_dump(dict(values), sort_keys=False).encode())
 
 
 def model_record(model: nn.Module) -> Dict[str, Any]:
     """The model that runs, for config.yaml: architecture, tokens, classes and constructor arguments."""
-    from timm.models import get_model_args
 
     record: Dict[str, Any] = {"architecture": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
                               "num_classes": getattr(model, "num_classes", None)}
@@ -91,7 +92,6 @@ def model_record(model: nn.Module) -> Dict[str, Any]:
 
 def write_metrics(out: Path, rows: List[Dict[str, Any]]) -> None:
     """metrics.jsonl (the rows as they are) and metrics.csv (timm's summary.csv layout), rewritten whole."""
-    from timm.utils import update_summary
 
     atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     # update_summary appends in place; written into a scratch file and renamed, a crash never leaves half a

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import random
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -20,9 +21,11 @@ import torch
 import torch.nn as nn
 from timm.utils import AverageMeter
 
+from .checkpoint import unreadable_checkpoint_message
 from .distributed import DistInfo, all_gather_objects, barrier
 from .errors import CheckpointError
-from .train_models import architecture_of
+from .files import atomic_write_bytes
+from .loading import architecture_of
 
 __all__ = ["CHECKPOINT_VERSION", "StopSignal", "TrainState", "load_training_checkpoint"]
 
@@ -54,7 +57,6 @@ class TrainState:
 
     def save(self, path: Path, dist: DistInfo, config: Mapping[str, Any]) -> Path:
         """Write the checkpoint atomically (rank 0; every rank contributes its RNG states)."""
-        from .checkpoint import atomic_write_bytes
 
         rng = all_gather_objects(_rng_state(), dist)
         if dist.is_main:
@@ -109,7 +111,6 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # one line, as for any weights file: never torch's advice to turn safety off
-        from .checkpoint import unreadable_checkpoint_message
 
         raise CheckpointError(unreadable_checkpoint_message(p, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
@@ -160,8 +161,6 @@ class StopSignal:
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignal":
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

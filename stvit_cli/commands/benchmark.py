@@ -98,7 +98,8 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
     if batch_sizes and click.get_current_context().get_parameter_source("batch_size").name != "DEFAULT":
         raise InvalidArgumentError("--batch-size and --batch-sizes exclude each other")
     if plot is not None:
-        from stvit_core.export import check_output_path, require_extra
+        from stvit_core.errors import require_extra
+        from stvit_core.files import check_output_path
 
         if not batch_sizes:
             raise InvalidArgumentError("--plot needs --batch-sizes (it draws speed against batch size)")
@@ -122,9 +123,9 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
     ]
     for settings in runs:
         check_settings(settings)  # before building models: bad input fails at once
-    stvit_kwargs = {"semantic_tokens_per_window": semantic_tokens_per_window, "recovery": recovery or None}
     base, stvit, source_name = models_for_benchmark(
-        model, num_semantic_tokens, stvit_kwargs={k: v for k, v in stvit_kwargs.items() if v is not None})
+        model, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
+        recovery=recovery)
     names = {"model": source_name, "stvit_model": stvit.pretrained_cfg.get("architecture"),
              "tokens": getattr(stvit, "num_semantic_tokens", None),
              "tokens_per_window": getattr(stvit, "semantic_tokens_per_window", None)}

@@ -37,7 +37,7 @@ def _run(imagenet: bool, model_spec: str, data: str, batch_size: int, device: Op
          amp: Optional[str], as_json: bool, results_file: Optional[str], force: bool) -> None:
     from stvit_core.errors import InvalidArgumentError
     from stvit_core.evaluate import evaluate_model, write_results_file
-    from stvit_core.export import check_output_path
+    from stvit_core.files import check_output_path
 
     if results_file and not (results_file.endswith(".csv") or results_file.endswith(".json")):
         raise InvalidArgumentError(f"--results-file must end in .csv or .json: {results_file}")

@@ -49,15 +49,12 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
       stvit export stvit-deit-s --format pt2 --output stvit-deit-s.pt2 --batch-size 1
       stvit export swin_tiny --tokens-per-window 9 --features --output backbone.onnx --no-pretrained
     """
-    from stvit_core.errors import InvalidArgumentError
-    from stvit_core.export import (
-        ONNX_MODULES,
-        check_output_path,
-        export_model,
-        load_stvit_model,
-        refuse_folder_name,
-        require_extra,
-    )
+    from stvit_core import load_model
+    from stvit_core.errors import InvalidArgumentError, require_extra
+    from stvit_core.export import export_model, features_model
+    from stvit_core.files import check_output_path, refuse_folder_name
+    from stvit_core.loading import require_stvit
+    from stvit_core.onnx_runtime import ONNX_MODULES
 
     if batch_size is not None and dynamic_batch:
         raise InvalidArgumentError("--batch-size and --dynamic-batch exclude each other")
@@ -70,9 +67,11 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
     if format_ == "onnx":
         require_extra("export", ONNX_MODULES, "ONNX export")
     check_output_path(output, force=force)  # before the model is built: an existing or unwritable output fails now
-    stvit = load_stvit_model(model, num_semantic_tokens=num_semantic_tokens,
-                             semantic_tokens_per_window=semantic_tokens_per_window, recovery=recovery,
-                             pretrained=not no_pretrained, features_only=features_only)
+    stvit = require_stvit(load_model(model, num_semantic_tokens=num_semantic_tokens,
+                                     semantic_tokens_per_window=semantic_tokens_per_window, recovery=recovery,
+                                     pretrained=not no_pretrained), model).eval()
+    if features_only:
+        stvit = features_model(stvit)
     result = export_model(stvit, output, format=format_, batch_size=batch_size, opset=opset, force=force)
     if as_json:
         echo_json(result)

@@ -231,6 +231,7 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
       stvit finetune -m runs/fm/best -d fashion-mnist -o runs/fm --resume runs/fm/checkpoints/last.pth
       torchrun --nproc_per_node 8 -m stvit_cli finetune -m stvit-deit-s -d /data/imagenet -o runs/ft --amp bf16
     """
+    from stvit_core import load_model
     from stvit_core import train as st
     from stvit_core.data import resolve_data_root, split_folder
     from stvit_core.device import resolve_device
@@ -254,9 +255,14 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     import torch
 
     torch.manual_seed(cfg.seed)  # a new head and random init are reproducible (torch's default seed is not)
-    student = st.create_model_for_training(
-        model_spec, tokens=tokens, tokens_per_window=tokens_per_window, pretrained=not no_pretrained,
-        checkpoint=checkpoint, num_classes=num_classes, drop_path=cfg.drop_path, model_kwargs=kwargs)
+    if "drop_path_rate" in kwargs:  # the recipe always sets it: one of the two would silently win
+        raise InvalidArgumentError("--model-arg drop_path_rate: set it with --drop-path")
+    if "num_classes" in kwargs and num_classes is not None:
+        raise InvalidArgumentError("--model-arg num_classes and --num-classes both set the head: give --num-classes only")
+    student = load_model(model_spec, num_semantic_tokens=tokens, semantic_tokens_per_window=tokens_per_window,
+                         pretrained=not no_pretrained, checkpoint=checkpoint, convert=True, **kwargs,
+                         **({} if num_classes is None else {"num_classes": num_classes}),
+                         **({} if cfg.drop_path is None else {"drop_path_rate": cfg.drop_path}))
     teacher_model = None
     if cfg.distill:
         teacher_model = st.teacher_for(student, model_spec, teacher, pretrained=not no_pretrained,
