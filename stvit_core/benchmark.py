@@ -34,6 +34,7 @@ from .errors import InvalidArgumentError, require_extra
 from .export import to_onnx, trace_model
 from .files import atomic_write_bytes
 from .flops import count_flops, count_params
+from .layers import use_patch_gemm
 from .loading import base_model_for, load_model
 from .onnx_runtime import ONNX_MODULES, onnx_providers, onnx_session
 
@@ -58,6 +59,7 @@ class BenchmarkSettings:
     min_round_time: float = 1.0  # seconds of work per model per round; sets the steps per round
     runtime: str = "torch"  # or 'onnxruntime': both models exported to ONNX
     latency: bool = False  # time every step on its own: p50/p95 latency of a batch besides throughput
+    patch_gemm: bool = False  # both models' patch embeddings as a gather + GEMM (stvit_core.layers.use_patch_gemm)
 
 
 def check_settings(settings: BenchmarkSettings) -> torch.device:
@@ -69,28 +71,30 @@ def check_settings(settings: BenchmarkSettings) -> torch.device:
     for name, value, low in (("batch_size", settings.batch_size, 1), ("rounds", settings.rounds, 1),
                              ("warmup", settings.warmup, 0)):
         if value < low:
-            raise InvalidArgumentError(f"{name} must be at least {low}, got {value}")
+            raise InvalidArgumentError(f"{{{name}}} must be at least {low}, got {value}", **{name: value})
     if not settings.min_round_time > 0:
-        raise InvalidArgumentError(f"min_round_time must be positive, got {settings.min_round_time}")
+        raise InvalidArgumentError(f"{{min_round_time}} must be positive, got {settings.min_round_time}",
+                                   min_round_time=settings.min_round_time)
     if settings.runtime not in RUNTIMES:
         raise InvalidArgumentError(f"unknown runtime {settings.runtime!r} (expected {' or '.join(RUNTIMES)})")
     if settings.runtime == "onnxruntime":
         return _check_onnxruntime_settings(settings)
     device = resolve_device(settings.device)
     if settings.cuda_graphs and device.type != "cuda":
-        raise InvalidArgumentError("cuda_graphs=True needs a CUDA device")
+        raise InvalidArgumentError("{cuda_graphs=} needs a CUDA device", cuda_graphs=True)
     return device
 
 
 def _check_onnxruntime_settings(settings: BenchmarkSettings) -> torch.device:
     """onnxruntime runs the exported inference graph in float32: torch-only settings cannot apply."""
-    torch_only = {"bench=train": settings.bench != "inference", f"dtype={settings.dtype}": settings.dtype != "float32",
-                  "compile=True": settings.compile, "cuda_graphs=True": settings.cuda_graphs,
-                  "channels_last=True": settings.channels_last}
-    given = [name for name, is_set in torch_only.items() if is_set]
+    torch_only = {"bench": settings.bench != "inference", "dtype": settings.dtype != "float32",
+                  "compile": settings.compile, "cuda_graphs": settings.cuda_graphs,
+                  "channels_last": settings.channels_last, "patch_gemm": settings.patch_gemm}
+    given = {name: getattr(settings, name) for name, is_set in torch_only.items() if is_set}
     if given:
-        raise InvalidArgumentError(f"{', '.join(given)} cannot apply to runtime=onnxruntime (it runs the exported "
-                                   "float32 inference graph)")
+        fields = ", ".join(f"{{{name}=}}" for name in given)
+        raise InvalidArgumentError(f"{fields} cannot apply to {{runtime=}} (it runs the exported float32 inference "
+                                   "graph)", runtime="onnxruntime", **given)
     require_extra("export", ONNX_MODULES, "the onnxruntime benchmark")
     first = onnx_providers(settings.device)[0]
     name, options = first if isinstance(first, tuple) else (first, {})
@@ -282,6 +286,9 @@ def benchmark_batch_sizes(
     flops = {"base": count_flops(base, input_size), "stvit": count_flops(stvit, input_size)}
     params = {"base": count_params(base), "stvit": count_params(stvit)}
     models = {"base": base, "stvit": stvit}
+    if settings.patch_gemm:  # a speed step given to both models alike (in place), so the ratio stays fair
+        for model in models.values():
+            use_patch_gemm(model)
     factories = step_factories(models, input_size, settings)
     results = []
     for batch_size in batch_sizes:
@@ -302,6 +309,7 @@ def _pair_result(settings: BenchmarkSettings, device: torch.device, input_size: 
         "compile": settings.compile,
         "cuda_graphs": settings.cuda_graphs,
         "channels_last": settings.channels_last,
+        "patch_gemm": settings.patch_gemm,
         "input_size": list(input_size),
         "threads": torch.get_num_threads(),
         "memory_allocator": memory_allocator(),
