@@ -3,32 +3,23 @@
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 224 224 --batch-size 8
     OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput --size 800 1333 --batch-size 1
     OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py throughput --size 224 224 --batch-size 8 --cpu-time
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py parts --size 224 224 --batch-size 8
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py ops --size 224 224 --batch-size 8
-    OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py part-ops --size 224 224 --batch-size 8
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py faults --size 800 1333 --batch-size 1 --rounds 2
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py pieces --size 800 1333 --batch-size 1 --rounds 7
-    OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py attention --size 800 1333 --batch-size 1 --rounds 2
+    OMP_NUM_THREADS=1 python benchmarks/swin_backbone_speed.py parts --size 224 224 --batch-size 8
     LD_PRELOAD=libtcmalloc_minimal.so.4 OMP_NUM_THREADS=2 python benchmarks/swin_backbone_speed.py throughput \
         --size 800 1333 --batch-size 1
 
 All models are ``features_only`` backbones (four NCHW maps), fp32, inference mode, random weights; timm's
 Swin runs its window attention through ``scaled_dot_product_attention`` (``fused_attn``, what
 ``TIMM_FUSED_ATTN=2`` selects). ``throughput`` times the models in one process, alternating rounds
-(stvit_core.benchmark). ``parts`` times every part of stage 3 on its own captured input (summed over the
-units; timm's blocks grouped by the unit position they correspond to) next to its share of the FLOPs.
-``ops`` profiles stage 3 of both models with torch.profiler and prints the top operators; ``part-ops`` does so
-for every part of STViT-R-Swin-S's stage 3. ``faults`` counts the minor page faults of a forward per stage.
-``pieces`` times the detection layout with one neighbourhood gather per layer against its CPU-inference
-default (gathers in pieces), with page faults per forward. ``attention`` times every
-``scaled_dot_product_attention`` call of a forward, grouped by shape, with its multiply-add rate. Table headers
-name the malloc the process runs on (``LD_PRELOAD`` a tcmalloc to compare: it moves both models' timings).
+(stvit_core.benchmark; ``--cpu-time``: process CPU time per step, for ratios on a busy machine). ``parts``
+times every part of stage 3 on its own captured input (summed over the units; timm's blocks grouped by the
+unit position they correspond to) next to its share of the FLOPs, then each stage of both models.
+Table headers name the malloc the process runs on (``LD_PRELOAD`` a tcmalloc to compare: it moves both
+models' timings).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 from functools import partial
@@ -38,12 +29,12 @@ import timm
 import torch
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import WindowAttention
+from torch.utils.benchmark import Timer
 
 import stvit_core  # noqa: F401  (registers the models)
 from stvit_core.benchmark import BenchmarkSettings, benchmark_models
 from stvit_core.env import memory_allocator
 from stvit_core.flops import count_flops
-from stvit_core.layers import CrossAttention
 
 UNIT_PARTS = ("Swin block", "generator layer 1", "generator layer 2", "semantic (window)", "semantic (all)",
               "recovery")
@@ -68,22 +59,31 @@ def backbones(size: Tuple[int, int]) -> Dict[str, torch.nn.Module]:
     return models
 
 
-@torch.inference_mode()
+def _timer(fn: Callable[[], object], **kwargs: object) -> Timer:
+    """A Timer of ``fn`` under inference mode, with the threads this process runs with (Timer's default is one)."""
+    def call() -> None:
+        with torch.inference_mode():
+            fn()
+
+    return Timer(stmt="call()", globals={"call": call}, num_threads=torch.get_num_threads(), **kwargs)
+
+
 def cpu_time_rounds(models: Dict[str, torch.nn.Module], shape: Tuple[int, ...], batch_size: int, rounds: int,
                     warmup: int) -> Dict[str, dict]:
     """Images per second of *process CPU time*, one step per model per round, models alternating. With one
     thread this is the compute time itself, robust to other processes taking the cores (wall-clock timing on a
     shared machine is not); stvit_core.benchmark times wall clock, which is what to quote on a quiet machine."""
     x = torch.randn(batch_size, *shape)
-    for model in models.values():
-        for _ in range(warmup):
-            model(x)
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(warmup):
+                model(x)
+    # Timer runs two untimed calls before each timed one
+    timers = {name: _timer(lambda m=model: m(x), timer=time.process_time) for name, model in models.items()}
     samples: Dict[str, List[float]] = {name: [] for name in models}
     for _ in range(rounds):
-        for name, model in models.items():
-            t0 = time.process_time()
-            model(x)
-            samples[name].append(batch_size / (time.process_time() - t0))
+        for name, timer in timers.items():
+            samples[name].append(batch_size / timer.timeit(1).mean)
     return {n: {"img_per_sec": statistics.median(v), "img_per_sec_rounds": v} for n, v in samples.items()}
 
 
@@ -97,36 +97,19 @@ def _rates(models: Dict[str, torch.nn.Module], size: Tuple[int, int], batch_size
     return benchmark_models(models, (3, *size), settings)
 
 
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (pages faulted in on first touch)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _faults_per_forward(model: torch.nn.Module, x: torch.Tensor) -> int:
-    with torch.inference_mode():
-        before = _minor_faults()
-        model(x)
-        return _minor_faults() - before
-
-
 def _print_table(models: Dict[str, torch.nn.Module], results: Dict[str, dict], size: Tuple[int, int],
-                 batch_size: int, with_faults: bool = False) -> None:
+                 batch_size: int) -> None:
     base = "timm Swin-S (SDPA)"
-    x = torch.randn(batch_size, 3, *size) if with_faults else None
-    extra = " page faults per forward |" if with_faults else ""
     print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads, "
           f"{memory_allocator()} malloc) | GMACs | "
-          f"img/s (median) | rounds | speedup | FLOPs ratio |{extra}")
-    print("|---|---|---|---|---|---|" + ("---|" if with_faults else ""))
+          "img/s (median) | rounds | speedup | FLOPs ratio |")
+    print("|---|---|---|---|---|---|")
     base_flops = count_flops(models[base], (3, *size))
     for name, r in results.items():
         flops = count_flops(models[name], (3, *size))
         rounds_text = " / ".join(f"{v:.3g}" for v in r["img_per_sec_rounds"])
-        faults_text = f" {_faults_per_forward(models[name], x)} |" if with_faults else ""
         print(f"| {name} | {flops:.2f} | {r['img_per_sec']:.3g} | {rounds_text} | "
-              f"{r['img_per_sec'] / results[base]['img_per_sec']:.2f}x | {base_flops / flops:.2f}x |{faults_text}")
+              f"{r['img_per_sec'] / results[base]['img_per_sec']:.2f}x | {base_flops / flops:.2f}x |")
 
 
 def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
@@ -134,32 +117,9 @@ def throughput(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int 
     _print_table(models, _rates(models, size, batch_size, rounds, warmup, cpu_time), size, batch_size)
 
 
-def pieces(size: Tuple[int, int], batch_size: int, rounds: int, warmup: int = 2, cpu_time: bool = False) -> None:
-    """The detection layout with one neighbourhood gather per layer and with its gathers in pieces (CPU
-    inference's ``CrossAttention.gather_chunk_bytes``), against timm's Swin-S: alternating rounds, then the page faults of
-    one forward each. Same weights; the outputs are identical."""
-    all_models = backbones(size)
-    split = all_models["STViT-R-Swin-S (detection layout)"]
-    whole = copy.deepcopy(split)
-    for module in whole.modules():
-        if isinstance(module, CrossAttention):
-            module.gather_chunk_bytes = 2**62  # never split
-    models = {"timm Swin-S (SDPA)": all_models["timm Swin-S (SDPA)"],
-              "STViT-R-Swin-S (detection layout), one gather per layer": whole,
-              "STViT-R-Swin-S (detection layout), gathers in pieces": split}
-    _print_table(models, _rates(models, size, batch_size, rounds, warmup, cpu_time), size, batch_size,
-                 with_faults=True)
-
-
-@torch.inference_mode()
 def median_time(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+    """Seconds per call of ``fn``: the mean over ``reps`` back-to-back calls, after Timer's own warm-up calls."""
+    return _timer(fn).timeit(reps).mean
 
 
 def _stage3_input(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -246,147 +206,22 @@ def parts(size: Tuple[int, int], batch_size: int, reps: int) -> None:
         print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in t.items()))
 
 
-def ops(size: Tuple[int, int], batch_size: int, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    models = backbones(size)
-    x = torch.randn(batch_size, 3, *size)
-    for name in ("timm Swin-S (SDPA)", "STViT-R-Swin-S (patch stem)"):
-        stage = models[name].model.layers[2]
-        h = _stage3_input(models[name], x)
-        with torch.inference_mode():
-            for _ in range(2):
-                stage.blocks(h) if hasattr(stage, "blocks") else stage.units(h)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(3):
-                    stage.blocks(h) if hasattr(stage, "blocks") else stage.units(h)
-        print(f"\n### {name}: stage 3 without its patch merging, 3 calls\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-
-
-def part_ops(size: Tuple[int, int], batch_size: int, rows: int) -> None:
-    """Top operators of every part of STViT-R-Swin-S's stage 3 (all units), one profile per part."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model = backbones(size)["STViT-R-Swin-S (patch stem)"]
-    calls = part_calls(model, torch.randn(batch_size, 3, *size))
-    for part, fns in calls.items():
-        with torch.inference_mode():
-            for fn in fns:
-                fn()
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(3):
-                    for fn in fns:
-                        fn()
-        print(f"\n### {part} (all units, 3 calls)\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-
-
-def faults(size: Tuple[int, int], batch_size: int, reps: int) -> None:
-    """Minor page faults and seconds per forward, per stage: the cost of touching freshly mapped memory.
-
-    glibc serves allocations above its mmap threshold (at most 32 MB) with fresh pages, faulted in on first touch
-    and returned on free, on every forward; ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` keep them.
-    """
-    x = torch.randn(batch_size, 3, *size)
-    for name, model in backbones(size).items():
-        inner = model.model
-        stats: Dict[str, List[float]] = {}
-        started: Dict[str, Tuple[int, float]] = {}
-
-        def before(module: torch.nn.Module, args: tuple, key: str) -> None:
-            started[key] = (_minor_faults(), time.perf_counter())
-
-        def after(module: torch.nn.Module, args: tuple, out: object, key: str) -> None:
-            f, t = started[key]
-            stats.setdefault(key, [0, 0.0])
-            stats[key][0] += _minor_faults() - f
-            stats[key][1] += time.perf_counter() - t
-
-        parts = [("stem", inner.patch_embed)] + [(f"stage {i + 1}", stage) for i, stage in enumerate(inner.layers)]
-        hooks = [h for key, m in parts for h in (m.register_forward_pre_hook(partial(before, key=key)),
-                                                 m.register_forward_hook(partial(after, key=key)))]
-        with torch.inference_mode():
-            model(x)  # warm-up, not counted
-            stats.clear()
-            f0, t0 = _minor_faults(), time.perf_counter()
-            for _ in range(reps):
-                model(x)
-            total, seconds = (_minor_faults() - f0) / reps, (time.perf_counter() - t0) / reps
-        for h in hooks:
-            h.remove()
-        print(f"{name}: {total:.0f} page faults, {seconds:.2f} s per forward; " + ", ".join(
-            f"{key} {v[0] / reps:.0f} / {v[1] / reps:.2f} s" for key, v in stats.items()))
-
-
-def attention(size: Tuple[int, int], batch_size: int, reps: int) -> None:
-    """Every ``scaled_dot_product_attention`` call of a forward, timed one by one and grouped by shape: how fast
-    attention runs per multiply-add at each shape, against the whole forward (models one after the other)."""
-    import torch.nn.functional as F
-
-    sdpa = F.scaled_dot_product_attention
-    calls: Dict[tuple, List[float]] = {}
-
-    def timed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        t0 = time.perf_counter()
-        out = sdpa(q, k, v, *args, **kwargs)
-        key = (tuple(q.shape), tuple(k.shape), kwargs.get("attn_mask") is not None)
-        calls.setdefault(key, []).append(time.perf_counter() - t0)
-        return out
-
-    x = torch.randn(batch_size, 3, *size)
-    print(f"| backbone ({size[0]}x{size[1]}, batch {batch_size}, {torch.get_num_threads()} threads, "
-          f"{memory_allocator()} malloc) | queries | keys | mask | calls | ms per forward | GMACs | GMAC/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    F.scaled_dot_product_attention = timed  # timm's Swin and our layers both call it through the module
-    try:
-        for name, model in backbones(size).items():
-            with torch.inference_mode():
-                model(x)  # warm-up
-                calls.clear()
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    model(x)
-                forward_ms = (time.perf_counter() - t0) / reps * 1e3
-            total_ms = total_macs = 0.0
-            for (q, k, masked), seconds in sorted(calls.items(), key=lambda kv: -sum(kv[1])):
-                macs = 2 * q[0] * q[1] * q[2] * k[2] * q[3] * len(seconds) / reps / 1e9
-                ms = sum(seconds) / reps * 1e3
-                total_ms, total_macs = total_ms + ms, total_macs + macs
-                print(f"| {name} | {'x'.join(map(str, q))} | {'x'.join(map(str, k))} | {'yes' if masked else 'no'} | "
-                      f"{len(seconds) // reps} | {ms:.1f} | {macs:.2f} | {macs / ms * 1e3:.1f} |")
-            print(f"| {name}: **all attention** | | | | | {total_ms:.1f} of {forward_ms:.0f} | {total_macs:.2f} | "
-                  f"{total_macs / total_ms * 1e3:.1f} |")
-    finally:
-        F.scaled_dot_product_attention = sdpa
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("throughput", "pieces", "parts", "ops", "part-ops", "faults", "attention"))
+    p.add_argument("what", choices=("throughput", "parts"))
     p.add_argument("--size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="throughput: alternating rounds; parts: calls per part")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per model before the rounds")
     p.add_argument("--cpu-time", action="store_true",
-                   help="throughput, pieces: time process CPU time (one thread), for ratios on a busy machine")
+                   help="throughput: time process CPU time (one thread), for ratios on a busy machine")
     args = p.parse_args()
     size = tuple(args.size)
     torch.manual_seed(0)
     if args.what == "throughput":
         throughput(size, args.batch_size, args.rounds, args.warmup, args.cpu_time)
-    elif args.what == "pieces":
-        pieces(size, args.batch_size, args.rounds, args.warmup, args.cpu_time)
-    elif args.what == "parts":
-        parts(size, args.batch_size, args.rounds)
-    elif args.what == "ops":
-        ops(size, args.batch_size, 25)
-    elif args.what == "faults":
-        faults(size, args.batch_size, args.rounds)
-    elif args.what == "attention":
-        attention(size, args.batch_size, args.rounds)
     else:
-        part_ops(size, args.batch_size, 12)
+        parts(size, args.batch_size, args.rounds)
 
 
 if __name__ == "__main__":
