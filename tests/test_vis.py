@@ -27,12 +27,6 @@ from stvit_core.data import build_transform, embedded_dataset_path, model_data_c
 from stvit_core.errors import InvalidArgumentError
 from stvit_core.layers import CrossAttention, WindowSemanticTokenGenerator
 from stvit_core.vis import (
-    MARGIN,
-    PANEL,
-    TITLE,
-    _fit,
-    _partition_panel,
-    _recorded_calls,
     attention_on_region,
     check_vis_arguments,
     contact_sheet_size,
@@ -44,6 +38,8 @@ from stvit_core.vis import (
     token_partition,
     visualise_images,
 )
+from stvit_core.vis.attention import _recorded_calls
+from stvit_core.vis.draw import MARGIN, PANEL, TITLE, _fit, _partition_panel
 
 from .train_utils import assert_one_line_error, cli, cli_in_process, converted_model_dir, env, tiny_deit
 
@@ -344,6 +340,42 @@ def test_cli_swin_unit_and_layer(tmp_path):
     result = cli_in_process(["vis", str(model_dir), str(PHOTO), "-o", str(tmp_path / "out2"), "--unit", "1"])
     assert result.returncode == 2 and "--unit 1 is out of range" in result.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_cli_refuses_an_output_folder_with_files_unless_force(tmp_path):
+    """As every command: an existing output is refused (one line, exit 1, before the model is built) and
+    replaced with --force, the previous run's files gone; an empty folder is used as it is."""
+    from stvit_core import save_model
+
+    model_dir = save_model(_deit(), tmp_path / "deit")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.png").write_bytes(b"a previous run's figure")
+    args = ["vis", str(model_dir), str(PHOTO), "-o", str(out)]
+    assert_one_line_error(cli_in_process(args), f"Error: {out} already exists (use --force to overwrite)")
+    assert cli_in_process(args).returncode == 1 and sorted(p.name for p in out.iterdir()) == ["old.png"]
+    result = cli_in_process([*args, "--force"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["chelsea.png"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli_in_process(["vis", str(model_dir), str(PHOTO), "-o", str(empty)])
+    assert result.returncode == 0 and sorted(p.name for p in empty.iterdir()) == ["chelsea.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit", "empty", "out"], "no temporary folder left"
+
+
+def test_nothing_drawn_leaves_no_folder(tmp_path):
+    """Every image unreadable: no output folder, nor the parents made for it; an existing one is kept."""
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    sources, _ = image_sources([bad])
+    report = visualise_images(_deit(), sources, tmp_path / "a" / "b" / "out")
+    assert report["files"] == [] and len(report["failed"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png"]
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "old.png").write_bytes(b"old")
+    visualise_images(_deit(), sources, tmp_path / "kept", force=True)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["old.png"]
 
 
 DOCS = ROOT / "docs" / "visualise.md"

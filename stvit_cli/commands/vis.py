@@ -23,7 +23,8 @@ from ._common import (
 @model_argument
 @click.argument("images", nargs=-1, required=True, metavar="IMAGE_OR_DIR...")
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), metavar="DIR",
-              help="Folder for the figures (created if needed; figures of the same name are replaced).")
+              help="Folder for the figures (created; must not hold files unless --force).")
+@click.option("--force", is_flag=True, help="Replace an existing --output folder and everything in it.")
 @tokens_option(default_help="16 when MODEL is a name to convert")
 @tokens_per_window_option
 @click.option("--no-pretrained", is_flag=True,
@@ -42,7 +43,7 @@ from ._common import (
 @device_option
 @quiet_option
 @json_option
-def vis(model: str, images: Tuple[str, ...], output: str, num_semantic_tokens: Optional[int],
+def vis(model: str, images: Tuple[str, ...], output: str, force: bool, num_semantic_tokens: Optional[int],
         semantic_tokens_per_window: Optional[int], no_pretrained: bool, checkpoint: Optional[str],
         layer: Optional[int], unit: Optional[int], fill: str, sheet: bool, device: Optional[str],
         quiet: Optional[bool], as_json: bool) -> None:
@@ -52,8 +53,8 @@ def vis(model: str, images: Tuple[str, ...], output: str, num_semantic_tokens: O
     partition (every image token coloured by the semantic token that attends to it most, regions outlined),
     and each semantic token's attention over the image. MODEL is a model directory, hf-hub:org/name, an
     stvit_* name, or a timm DeiT/ViT/Swin name converted on the fly (--tokens, --tokens-per-window) with its
-    pretrained weights or --checkpoint FILE. IMAGE_OR_DIR are image files or folders (searched recursively). An image that
-    cannot be read is named on stderr and the others are still drawn; the exit code is then 1.
+    pretrained weights or --checkpoint FILE. IMAGE_OR_DIR are image files or folders (searched recursively). --output must not hold files
+    unless --force (which replaces it). An image that cannot be read is named on stderr and the others are still drawn; the exit code is then 1.
 
     \b
     Examples:
@@ -63,8 +64,9 @@ def vis(model: str, images: Tuple[str, ...], output: str, num_semantic_tokens: O
     """
     from stvit_core.device import resolve_device
     from stvit_core.train_models import create_model_for_training
-    from stvit_core.vis import check_vis_arguments, image_sources
+    from stvit_core.vis import check_vis_arguments, check_vis_output, image_sources
 
+    check_vis_output(output, force=force)  # before the model is built
     target = resolve_device(device)
     net = create_model_for_training(model, tokens=num_semantic_tokens, tokens_per_window=semantic_tokens_per_window,
                                     pretrained=not no_pretrained, checkpoint=checkpoint)
@@ -72,7 +74,8 @@ def vis(model: str, images: Tuple[str, ...], output: str, num_semantic_tokens: O
     sources, problems = image_sources(images)
     for problem in problems:
         click.echo(f"Error: {problem}", err=True)
-    report = _draw(net.to(target).eval(), sources, output, dict(layer=layer, unit=unit, fill=fill, sheet=sheet),
+    options = dict(layer=layer, unit=unit, fill=fill, sheet=sheet, force=force)
+    report = _draw(net.to(target).eval(), sources, output, options,
                    show_progress=not (quiet or as_json) and sys.stderr.isatty() and len(sources) > 1)
     if as_json:
         echo_json({"model": model, **report})
