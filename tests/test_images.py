@@ -15,6 +15,8 @@ from stvit_core.errors import DataError
 from stvit_core.images import IMAGE_EXTENSIONS, find_images, read_image
 from stvit_core.predict import TorchClassifier, predict_images
 
+from .train_utils import cli_in_process
+
 ORIENTATION = 0x0112  # the EXIF tag
 
 
@@ -116,3 +118,8 @@ def test_predict_classifies_a_sideways_stored_photo_as_the_upright_one(tmp_path)
     logits = [model(classifier.transform(read_image(tmp_path / name))[None])
               for name in ("phone.jpg", "upright.png", "sideways.png")]
     assert torch.equal(logits[0], logits[1]) and not torch.allclose(logits[0], logits[2])
+
+
+def test_predict_help_names_the_formats_a_folder_scan_takes():
+    text = " ".join(cli_in_process(["predict", "--help"]).stdout.split())
+    assert f"({', '.join(IMAGE_EXTENSIONS)};" in text

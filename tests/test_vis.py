@@ -305,12 +305,11 @@ def test_cli_refuses_weights_and_tokens_that_cannot_apply(tmp_path, monkeypatch)
     out = tmp_path / "out"
     image = str(_fashion_mnist(1)[0])
     for args, fragment in [
-        ([str(model_dir), "--no-pretrained"], f"--no-pretrained applies to model names only; {model_dir} is a saved "
-                                              "model with its own weights"),
-        ([str(model_dir), "--checkpoint", str(weights)], f"--checkpoint applies to model names only; {model_dir} is"),
+        ([str(model_dir), "--no-pretrained"], f"--no-pretrained cannot apply to a saved model ({model_dir}): it has its own weights"),
+        ([str(model_dir), "--checkpoint", str(weights)], f"--checkpoint {weights} cannot apply to a saved model ({model_dir})"),
         (["deit_tiny", "--no-pretrained", "--checkpoint", str(weights)],
          "--checkpoint and --no-pretrained exclude each other"),
-        ([str(model_dir), "--tokens", "16"], "--tokens applies when MODEL is a model name"),
+        ([str(model_dir), "--tokens", "16"], "--tokens 16 cannot apply to a saved model"),
         (["t.onnx"], "Error: t.onnx is a file, not a model directory"),
     ]:
         r = cli_in_process(["vis", args[0], image, "-o", str(out), *args[1:]])

@@ -25,9 +25,9 @@ def predict(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_
 
     MODEL is a model directory, hf-hub:org/name, an stvit_* name, a timm name with --tokens /
     --tokens-per-window, or an .onnx file from 'stvit export' (run with onnxruntime, preprocessing read from its
-    metadata). Directories are searched for images (.png, .jpg, .jpeg; sorted in natural order). A file
-    that cannot be read is reported on stderr, one 'Error:' line each, the others are still classified, and
-    the exit code is 1.
+    metadata). Directories are searched for images (.png, .jpg, .jpeg, .ppm, .bmp, .pgm, .tif, .tiff, .webp;
+    sorted in natural order); photos are turned upright by their EXIF orientation. A file that cannot be read
+    is reported on stderr, one 'Error:' line each, the others are still classified, and the exit code is 1.
 
     \b
     Examples:

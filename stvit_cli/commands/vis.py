@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional, Tuple
 import click
 
 from ._common import (
+    LibraryOption,
     device_option,
     echo_json,
     json_option,
@@ -27,7 +28,7 @@ from ._common import (
 @click.option("--force", is_flag=True, help="Replace an existing --output folder and everything in it.")
 @tokens_option(default_help="16 when MODEL is a name to convert")
 @tokens_per_window_option
-@click.option("--no-pretrained", is_flag=True,
+@click.option("--no-pretrained", is_flag=True, cls=LibraryOption, library_name="pretrained",
               help="Random weights for a model name (to try the command; the picture then shows no learned content). "
                    "Not with --checkpoint.")
 @click.option("--checkpoint", default=None, metavar="FILE", show_default="the name's pretrained weights",
@@ -62,14 +63,14 @@ def vis(model: str, images: Tuple[str, ...], output: str, force: bool, num_seman
       stvit vis stvit-deit-s cat.jpg dog.jpg --output vis --fill mean
       stvit vis stvit-r-swin_small-w9 street.jpg --output vis --unit 0 --layer 0 --json
     """
+    from stvit_core import load_model
     from stvit_core.device import resolve_device
-    from stvit_core.train_models import create_model_for_training
     from stvit_core.vis import check_vis_arguments, check_vis_output, image_sources
 
     check_vis_output(output, force=force)  # before the model is built
     target = resolve_device(device)
-    net = create_model_for_training(model, tokens=num_semantic_tokens, tokens_per_window=semantic_tokens_per_window,
-                                    pretrained=not no_pretrained, checkpoint=checkpoint)
+    net = load_model(model, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
+                     pretrained=not no_pretrained, checkpoint=checkpoint, convert=True)
     check_vis_arguments(net, layer, unit)  # bad --layer / --unit / model: before anything is written
     sources, problems = image_sources(images)
     for problem in problems:
