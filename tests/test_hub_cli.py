@@ -1,5 +1,5 @@
-"""``stvit push-to-hub`` / ``stvit pull`` end to end: the real CLI in subprocesses, the real huggingface_hub
-client, real HTTP to the loopback Hub server of tests/hub_server.py."""
+"""``stvit push-to-hub`` / ``stvit pull`` end to end: the real CLI (in this process, and one round trip in real
+processes), the real huggingface_hub client, real HTTP to the loopback Hub server of tests/hub_server.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, hub_env, make_tiny_model, run_cli, run_python
+from . import conftest
+from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, REPO_ROOT, hub_env, make_tiny_model, run_python
 
 TOKENS = (ALICE_TOKEN, BOB_TOKEN, BAD_TOKEN)
+
+
+def run_cli(args, env, fresh_process=False):
+    """``stvit ARGS`` with exactly the environment ``env`` (HF_ENDPOINT, HF_HOME, HF_TOKEN...), in this process
+    unless ``fresh_process``: huggingface_hub's settings are read from ``env`` as a new process would."""
+    return conftest.run_cli(*args, env=env, exact_env=True, cwd=REPO_ROOT, timeout=180, fresh_process=fresh_process)
 
 
 def assert_clean(proc) -> None:
@@ -81,7 +88,7 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
     (model_dir / "notes.txt").write_text("not uploaded")
 
     push = run_cli(["push-to-hub", str(model_dir), "alice/stvit-tiny", "--json"],
-                   hub_env(hub_server.url, tmp_path / "home-push", ALICE_TOKEN))
+                   hub_env(hub_server.url, tmp_path / "home-push", ALICE_TOKEN), fresh_process=True)
     assert push.returncode == 0, push.stderr
     assert_clean(push)
     result = json.loads(push.stdout)
@@ -100,7 +107,7 @@ def test_push_pull_roundtrip_identical(hub_server, tiny_model_dir, tmp_path):
 
     # Pull anonymously (public repo) into a fresh HF_HOME; the files land in the HF cache.
     home = tmp_path / "home-pull"
-    pull = run_cli(["pull", "alice/stvit-tiny", "--json"], hub_env(hub_server.url, home))
+    pull = run_cli(["pull", "alice/stvit-tiny", "--json"], hub_env(hub_server.url, home), fresh_process=True)
     assert pull.returncode == 0, pull.stderr
     assert_clean(pull)
     pulled = json.loads(pull.stdout)

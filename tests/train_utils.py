@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -14,6 +12,8 @@ import torch
 
 import stvit_core  # noqa: F401  (registers the STViT models)
 from stvit_core.data import embedded_dataset_path, folder_classes
+
+from .conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=28, patch_size=4, embed_dim=48, depth=6, num_heads=2, num_classes=10)
@@ -79,30 +79,14 @@ def env() -> Dict[str, str]:
     return e
 
 
-def cli(args: List[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stvit_cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env(), cwd=ROOT, **kw)
+def cli(args: List[str], timeout: float = 300, fresh_process: bool = False):
+    """``stvit ARGS`` from the repository root with :func:`env`: in this process unless ``fresh_process``."""
+    return run_cli(*args, env=env(), exact_env=True, cwd=ROOT, timeout=timeout, fresh_process=fresh_process)
 
 
-class InProcessResult:
-    """What ``cli`` returns, for an in-process run of the real click group (no interpreter start-up)."""
-
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def cli_in_process(args: List[str]) -> InProcessResult:
-    from click.testing import CliRunner
-
-    from stvit_cli.main import cli as group
-
-    result = CliRunner().invoke(group, args, prog_name="stvit")
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
-
-        stderr += "Traceback\n" + "".join(traceback.format_exception(result.exception))
-    return InProcessResult(result.exit_code, result.stdout, stderr)
+def cli_in_process(args: List[str]):
+    """``stvit ARGS`` in this process, in the current directory and environment."""
+    return run_cli(*args, env=dict(os.environ), exact_env=True)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
