@@ -1,14 +1,15 @@
-# Two entry points that work on a fresh clone:
-#   make demo   the main job end to end on the embedded default data (no network)
-#   make test   the test suite (what CI runs)
-# Both create .venv on first use. PYTHON picks the interpreter that creates it.
+# Entry points that work on a fresh clone:
+#   make demo       the main job end to end on the embedded default data (no network)
+#   make test       lint + the fast tier (tests not marked slow): the everyday loop, about 5 minutes on 2 cores
+#   make test-all   lint + every test: what CI runs, about 15 minutes on 2 cores
+# All create .venv on first use. PYTHON picks the interpreter that creates it.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stvit-installed
 
-.PHONY: demo test test-fast lint venv clean
+.PHONY: demo test test-all lint venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,12 +25,15 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# -n auto: one test process per core (each test process uses one torch thread, see tests/conftest.py)
-test: $(STAMP) lint
-	$(BIN)/python -m pytest -q -n auto
+# -n auto: one test process per core (each test process uses one torch thread, see tests/conftest.py).
+# --durations=15 names the slowest tests, so a test that grew slow is seen (mark it slow, or make it fast).
+PYTEST := $(BIN)/python -m pytest -q -n auto --durations=15
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto -m "not slow"
+test: $(STAMP) lint
+	$(PYTEST) -m "not slow"
+
+test-all: $(STAMP) lint
+	$(PYTEST)
 
 clean:
 	rm -rf runs build dist *.egg-info
