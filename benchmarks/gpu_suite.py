@@ -1,14 +1,15 @@
-"""The GPU suite of issue #15: every STViT speed target, measured in one run that fits 7 minutes on one GPU.
+"""The GPU suite: every STViT speed goal, measured in one run that fits 7 minutes on one GPU.
 
-    PYTHONPATH=. python benchmarks/gpu_suite.py --device cuda --output-dir results
-    PYTHONPATH=. python benchmarks/gpu_suite.py --device cpu --quick --output-dir /tmp/suite   # smoke test
+    python benchmarks/gpu_suite.py --device cuda --output-dir benchmarks/results
+    python benchmarks/gpu_suite.py --device cpu --quick --output-dir /tmp/suite   # smoke test
 
 Each model pair runs in its own process (compile caches, CUDA graphs and memory never interact; a pair that
 fails records its one-line error and the suite goes on). The processes are forked from a
 ``multiprocessing`` forkserver that has imported torch, timm and stvit_core once and never touched CUDA, so a
 pair pays no import time and starts with a fresh CUDA context. Within a pair both models are built, warmed
-up (compiled where asked) one after the other, then timed in alternating rounds (stvit, base, base, stvit...);
-each figure is the median over rounds. Random weights, random input, bf16 autocast on CUDA.
+up (compiled where asked) one after the other, then timed in alternating rounds (stvit, base, base, stvit...)
+with ``torch.utils.benchmark.Timer`` (device synchronised, the process's threads); each figure is the median over
+rounds. Random weights, random input, bf16 autocast on CUDA.
 
 Peak memory (CUDA only; ``null`` on the CPU, where torch has no allocator statistics) is what a model adds
 while it is built, warmed up and run: ``torch.cuda.max_memory_allocated`` over that phase minus what was
@@ -60,7 +61,7 @@ class Pair:
     kind: str  # 'inference' | 'train' | 'latency' | 'onnx'
     stvit: str
     base: str
-    target: Optional[float]  # speedup (base time / STViT time) the issue asks for
+    target: Optional[float]  # the goal: speedup (base time / STViT time)
     target_text: str
     compile: bool
     estimate_s: float  # seconds at the default settings, process start and warm-up included (H200 run + margin)
@@ -137,11 +138,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = OneLineParser(description="STViT GPU suite (issue #15): every speed target, one process per model pair.")
+    p = OneLineParser(description="STViT GPU suite: every speed goal, one process per model pair.")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where to run (default: cuda)")
     p.add_argument("--quick", action="store_true",
                    help="tiny widths, sizes, batches and rounds: checks the suite end to end on a CPU")
-    p.add_argument("--output-dir", default="results", help="where the JSON / markdown go (default: results)")
+    p.add_argument("--output-dir", default="benchmarks/results",
+                   help="where the JSON / markdown go (default: benchmarks/results)")
     p.add_argument("--only", default=None, help=f"comma-separated pairs to run (default: all): {','.join(PAIR_NAMES)}")
     p.add_argument("--batch-size", type=int, default=None, help="throughput / training batch (default: 256; quick 2)")
     p.add_argument("--rounds", type=int, default=None, help="alternating timing rounds per pair (default: 5; quick 2)")
@@ -305,14 +307,14 @@ def _make_step(pair: Pair, model: Any, x: Any, settings: Settings) -> Callable[[
                      fused_optimizer=x.device.type == "cuda")
 
 
-def _timed_steps(step: Callable[[], Any], count: int, device: Any) -> float:
-    """Seconds per step over ``count`` back-to-back steps (synchronised before and after)."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(count):
-        step()
-    _sync(device)
-    return (time.perf_counter() - start) / count
+def _timed_steps(step: Callable[[], Any], count: int) -> float:
+    """Seconds per step over ``count`` back-to-back steps: torch.utils.benchmark.Timer synchronises the device
+    before and after, and runs a few untimed steps first."""
+    import torch
+    from torch.utils.benchmark import Timer
+
+    # Timer would time on one thread by default; measure with the threads the process runs with
+    return Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads()).timeit(count).mean
 
 
 def _prepare(pair: Pair, settings: Settings, device: Any, batch_size: int) -> Dict[str, Dict[str, Any]]:
@@ -353,12 +355,12 @@ def _measure_throughput(pair: Pair, settings: Settings, device: Any) -> Dict[str
     prepared = _prepare(pair, settings, device, settings.batch_size)
     steps = {}
     for role, p in prepared.items():  # steps per round from one timed step
-        one = _timed_steps(p["step"], 1, device)
+        one = _timed_steps(p["step"], 1)
         steps[role] = max(1, math.ceil(settings.min_round_time / max(one, 1e-9)))
     per_round: Dict[str, List[float]] = {role: [] for role in prepared}
     for order in _alternating(list(prepared), settings.rounds):
         for role in order:
-            per_round[role].append(_timed_steps(prepared[role]["step"], steps[role], device))
+            per_round[role].append(_timed_steps(prepared[role]["step"], steps[role]))
     models = {}
     for role, p in prepared.items():
         median = statistics.median(per_round[role])
@@ -375,7 +377,7 @@ def _measure_latency(pair: Pair, settings: Settings, device: Any) -> Dict[str, A
     samples: Dict[str, List[float]] = {role: [] for role in prepared}
     for order in _alternating(list(prepared), settings.rounds):
         for role in order:
-            samples[role].extend(_timed_steps(prepared[role]["step"], 1, device)
+            samples[role].extend(_timed_steps(prepared[role]["step"], 1)
                                  for _ in range(settings.latency_samples))
     models = {}
     for role, p in prepared.items():
@@ -434,11 +436,11 @@ def _measure_onnx(pair: Pair, settings: Settings, device: Any) -> Dict[str, Any]
                         "peak_memory_mb": None, "providers": session.get_providers()}
         runs[role], per_round[role] = run, []
         del model
-    steps = {role: max(1, math.ceil(settings.min_round_time / max(_timed_steps(run, 1, device), 1e-9)))
+    steps = {role: max(1, math.ceil(settings.min_round_time / max(_timed_steps(run, 1), 1e-9)))
              for role, run in runs.items()}
     for order in _alternating(list(runs), settings.rounds):
         for role in order:
-            per_round[role].append(_timed_steps(runs[role], steps[role], device))
+            per_round[role].append(_timed_steps(runs[role], steps[role]))
     for role in runs:
         median = statistics.median(per_round[role])
         models[role].update(steps_per_round=steps[role], step_s_rounds=[round(t, 6) for t in per_round[role]],
@@ -662,7 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         name += "_only-" + "-".join(args.only)
     stem = output_dir / name
     report: Dict[str, Any] = {
-        "suite": "benchmarks/gpu_suite.py (issue #15)", "date": date.isoformat(timespec="seconds"),
+        "suite": "benchmarks/gpu_suite.py", "date": date.isoformat(timespec="seconds"),
         "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "environment": env,
         "settings": asdict(settings), "time_budget_s": args.time_budget, "pairs": {},
     }
