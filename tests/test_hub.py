@@ -1,5 +1,5 @@
-"""stvit_core.hub in-process: model card, results files, token handling, xet switch, and the loopback
-server's HTTP details (resolve headers, Range, auth). End-to-end CLI runs are in test_hub_cli.py."""
+"""stvit_core.hub, hub_access and model_card in-process: model card, results files, token handling, xet switch,
+and the loopback server's HTTP details (resolve headers, Range, auth). End-to-end CLI runs are in test_hub_cli.py."""
 
 from __future__ import annotations
 
@@ -13,16 +13,9 @@ import pytest
 import yaml
 
 from stvit_core.errors import CheckpointError
-from stvit_core.hub import (
-    HubError,
-    disable_xet_unless_huggingface,
-    find_extra_files,
-    pull_from_hub,
-    push_to_hub,
-    read_eval_results,
-    render_model_card,
-    scrub,
-)
+from stvit_core.hub import pull_from_hub, push_to_hub
+from stvit_core.hub_access import HubError, disable_xet_unless_huggingface, scrub
+from stvit_core.model_card import find_extra_files, read_eval_results, render_model_card
 
 from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, make_tiny_model
 

@@ -93,7 +93,8 @@ def pull(repo_id: str, revision: Optional[str], output: Optional[str], force: bo
       stvit pull me/stvit-deit-small@tokens-36 --json
     """
     from stvit_core.errors import InvalidArgumentError
-    from stvit_core.hub import pull_from_hub, split_repo_spec
+    from stvit_core.hub import pull_from_hub
+    from stvit_core.hub_access import split_repo_spec
 
     if force and output is None:
         raise InvalidArgumentError("--force applies to --output only (the directory it replaces)")
