@@ -375,15 +375,16 @@ def _device_name(device: torch.device) -> str:
 
 def models_for_benchmark(
     spec: str, *, num_semantic_tokens: Optional[int] = None, semantic_tokens_per_window: Optional[int] = None,
-    recovery: Optional[bool] = None,
+    recovery: Optional[bool] = None, **kwargs: Any,
 ) -> Tuple[nn.Module, nn.Module, str]:
     """``(base, stvit, source_name)`` for ``spec``: a source name (``deit_small``, a timm ViT, ``swin_small``)
     converted with the token options, or a saved STViT model (directory or ``hf-hub:``, which takes none), and
-    its source architecture shaped as it is (:func:`stvit_core.loading.base_model_for`).
+    its source architecture shaped as it is (:func:`stvit_core.loading.base_model_for`). ``kwargs`` shape a source
+    built from a name (``img_size``, ``embed_dim``...).
 
     Weights do not matter for timing, so models built from names are randomly initialised (nothing is downloaded).
     """
     stvit = load_model(spec, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
-                       recovery=recovery, pretrained=names_a_saved_model(spec), convert=True)
+                       recovery=recovery, pretrained=names_a_saved_model(spec), convert=True, **kwargs)
     base = base_model_for(stvit)
     return base, stvit, stvit.stvit_metadata["source_model"]

@@ -100,8 +100,8 @@ def _check_img_size(name: str, kwargs: Dict[str, Any]) -> None:
     size = kwargs["img_size"]
     size = (size, size) if isinstance(size, int) else tuple(size)
     if any(s % p for s, p in zip(size, patch)):
-        raise InvalidArgumentError(f"img_size={size[0] if size[0] == size[1] else size} is not a multiple of "
-                                   f"{name}'s {patch[0]}-pixel patches: the last pixels would be dropped")
+        raise InvalidArgumentError(f"{{img_size=}} is not a multiple of {name}'s {patch[0]}-pixel patches: the last "
+                                   "pixels would be dropped", img_size=size[0] if size[0] == size[1] else size)
 
 
 def _source_from_checkpoint(name: str, checkpoint: Union[str, os.PathLike], **kwargs: Any) -> nn.Module:
@@ -163,19 +163,19 @@ def _vit_model_args(source: nn.Module) -> Tuple[str, Dict[str, Any]]:
     return arch, args
 
 
-def _tokens_for_family(is_swin: bool, num_semantic_tokens: Optional[int],
-                       semantic_tokens_per_window: Optional[int]) -> None:
-    """Each family takes its own token option: the other one is refused, never silently ignored."""
+def check_family_options(is_swin: bool, num_semantic_tokens: Optional[int] = None,
+                         semantic_tokens_per_window: Optional[int] = None, recovery: Optional[bool] = None) -> None:
+    """Each family takes its own token option (the other one is refused, never silently ignored), and only
+    DeiT/ViT has a choice of recovery: Swin always converts to STViT-R."""
+    names = dict(num_semantic_tokens=None, semantic_tokens_per_window=None)
     if is_swin and num_semantic_tokens is not None:
-        raise InvalidArgumentError(
-            "num_semantic_tokens is for DeiT/ViT; Swin takes semantic_tokens_per_window (4, 9 or 16)")
+        raise InvalidArgumentError("{num_semantic_tokens} is for DeiT/ViT; Swin takes {semantic_tokens_per_window} "
+                                   "(4, 9 or 16)", **names)
     if not is_swin and semantic_tokens_per_window is not None:
-        raise InvalidArgumentError("semantic_tokens_per_window is for Swin; DeiT/ViT take num_semantic_tokens")
-
-
-def _check_recovery_for_family(is_swin: bool, recovery: Optional[bool]) -> None:
+        raise InvalidArgumentError("{semantic_tokens_per_window} is for Swin; DeiT/ViT take {num_semantic_tokens}",
+                                   **names)
     if recovery and is_swin:  # not a no-op to ignore: the user expects a different model than Swin's only one
-        raise InvalidArgumentError("recovery=True is for DeiT/ViT; Swin always converts to STViT-R")
+        raise InvalidArgumentError("{recovery=} is for DeiT/ViT; Swin always converts to STViT-R", recovery=True)
 
 
 def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = None, **kwargs: Any) -> nn.Module:
@@ -187,12 +187,12 @@ def convert_model(source: nn.Module, *, num_semantic_tokens: Optional[int] = Non
     Preprocessing (mean, std, crop) is the source's.
     """
     is_swin = isinstance(source, SwinTransformer)
-    _tokens_for_family(is_swin, num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
+    check_family_options(is_swin, num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
     recovery = kwargs.pop("recovery", None)
     if is_swin:
         if recovery is False:
             raise InvalidArgumentError("Swin converts to STViT-R only (dumbbell units in stage 3)")
-        _check_recovery_for_family(True, recovery)
+        check_family_options(True, recovery=recovery)
         return _convert_swin(source, **kwargs)
     kwargs.pop("semantic_tokens_per_window", None)
     tokens = DEFAULT_TOKENS if num_semantic_tokens is None else num_semantic_tokens
@@ -235,7 +235,8 @@ def _convert_vit_recovery(source: nn.Module, *, num_semantic_tokens: int = DEFAU
                                **kwargs: Any) -> nn.Module:
     """STViT-R-DeiT from a timm ViT/DeiT: its blocks regrouped into dumbbell units, every weight kept."""
     if kwargs.pop("num_image_blocks", None) is not None:
-        raise InvalidArgumentError("num_image_blocks does not apply to STViT-R (each dumbbell unit starts with one)")
+        raise InvalidArgumentError("{num_image_blocks} does not apply to STViT-R (each dumbbell unit starts with one)",
+                                   num_image_blocks=None)
     _, args = _vit_model_args(source)
     arch = _DEIT_R_ARCHITECTURES.get(source.embed_dim, "stvit_r_vit_patch16_224")
     if "global_pool" in kwargs and kwargs["global_pool"] != args["global_pool"]:
@@ -272,11 +273,12 @@ def _convert_swin(source: nn.Module, *, semantic_tokens_per_window: Optional[int
     The model keeps Swin's patch embedding (``stem='patch'``) unless ``stem='conv'`` is asked for (then the
     stem is newly initialised). See :func:`stvit_core.models.swin.checkpoint_filter_fn` for the mapping.
     """
-    _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
+    check_family_options(True, kwargs.pop("num_semantic_tokens", None), None)
     if kwargs.pop("num_image_blocks", None) is not None:
-        raise InvalidArgumentError("num_image_blocks does not apply to Swin (each dumbbell unit starts with one)")
+        raise InvalidArgumentError("{num_image_blocks} does not apply to Swin (each dumbbell unit starts with one)",
+                                   num_image_blocks=None)
     if kwargs.get("global_pool") not in (None, "avg"):
-        raise InvalidArgumentError("Swin reads out the average of its final map (global_pool=avg)")
+        raise InvalidArgumentError("Swin reads out the average of its final map ({global_pool=})", global_pool="avg")
     arch, args = _swin_model_args(source)
     tokens = DEFAULT_TOKENS_PER_WINDOW if semantic_tokens_per_window is None else semantic_tokens_per_window
     args.update(stem="patch", semantic_tokens_per_window=tokens)
@@ -329,7 +331,7 @@ def _convert_release_checkpoint(
     ``state_dict`` is the release's ``model`` entry (what :func:`stvit_core.checkpoint.load_state_dict_file`
     returns for the release ``.pth``).
     """
-    _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
+    check_family_options(True, kwargs.pop("num_semantic_tokens", None), None)
     try:
         args = release_model_args(state_dict)
     except (KeyError, ValueError, IndexError) as e:
@@ -372,7 +374,7 @@ def _convert_detection_checkpoint(
     backbone with ``timm.create_model('local-dir:DIR', pretrained=True, features_only=True)``.
     """
 
-    _tokens_for_family(True, kwargs.pop("num_semantic_tokens", None), None)
+    check_family_options(True, kwargs.pop("num_semantic_tokens", None), None)
     if kwargs.get("num_classes"):
         raise InvalidArgumentError("num_classes: a detector's backbone has no classifier")
     backbone = detection_backbone_state_dict(state_dict)
@@ -423,7 +425,7 @@ def convert_pair(
     the meta device (it only serves as the FLOPs/params baseline).
     """
     name = resolve_source_name(source)
-    _tokens_for_family(name.startswith("swin"), num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
+    check_family_options(name.startswith("swin"), num_semantic_tokens, kwargs.get("semantic_tokens_per_window"))
     if checkpoint is not None and name.startswith("swin_"):
         state_dict = load_state_dict_file(checkpoint)
         if is_detector_state_dict(state_dict) and is_release_state_dict(detection_backbone_state_dict(state_dict)):
@@ -489,8 +491,7 @@ def convert_to_directory(
     architecture. Returns the summary ``stvit convert --json`` prints.
     """
     name = resolve_source_name(model)
-    _tokens_for_family(name.startswith("swin"), num_semantic_tokens, semantic_tokens_per_window)
-    _check_recovery_for_family(name.startswith("swin"), recovery)
+    check_family_options(name.startswith("swin"), num_semantic_tokens, semantic_tokens_per_window, recovery)
     output = Path(output) if output is not None else Path(default_output_name(
         model, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
         recovery=recovery))

@@ -85,7 +85,7 @@ def run_demo(
 
     log = log or (lambda message: None)
     if epochs < 1:
-        raise InvalidArgumentError(f"epochs must be at least 1, got {epochs}")
+        raise InvalidArgumentError(f"{{epochs}} must be at least 1, got {epochs}", epochs=epochs)
     output = Path(output)
     source, stvit, metadata = _convert(num_semantic_tokens, seed)  # bad arguments fail before anything is written
     num_semantic_tokens = stvit.num_semantic_tokens

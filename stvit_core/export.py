@@ -216,9 +216,9 @@ def export_model(
     if format not in EXPORT_FORMATS:
         raise InvalidArgumentError(f"unknown format {format!r}: expected {' or '.join(EXPORT_FORMATS)}")
     if opset is not None and format != "onnx":
-        raise InvalidArgumentError(f"opset applies to ONNX only, not format={format}")
+        raise InvalidArgumentError("{opset} applies to ONNX only, not {format=}", opset=opset, format=format)
     if batch_size is not None and batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidArgumentError(f"{{batch_size}} must be at least 1, got {batch_size}", batch_size=batch_size)
     if format == "onnx":
         require_extra("export", ONNX_MODULES, "ONNX export")
     output = check_output_path(output, force=force)

@@ -34,7 +34,14 @@ from .checkpoint import (
     read_saved_config,
     state_dict_mismatch,
 )
-from .convert import DEFAULT_TOKENS, conversion_metadata, convert_pair, load_source_model, resolve_source_name
+from .convert import (
+    DEFAULT_TOKENS,
+    check_family_options,
+    conversion_metadata,
+    convert_pair,
+    load_source_model,
+    resolve_source_name,
+)
 from .errors import CheckpointError, DownloadError, InvalidArgumentError, StvitError, first_line
 from .hub_access import require_pretrained_weights
 
@@ -118,7 +125,8 @@ def _named_stvit(spec: str, conversion: Dict[str, Any], *, pretrained: bool, che
                                    recovery=True)
     if not timm.is_model(spec):
         raise InvalidArgumentError(f"unknown model {spec!r}: not a registered stvit_* architecture")
-    _check_family(spec, conversion)
+    check_family_options("swin" in spec, conversion.get("num_semantic_tokens"),
+                         conversion.get("semantic_tokens_per_window"))
     download = pretrained and checkpoint is None
     if download:
         require_pretrained_weights(spec)
@@ -136,21 +144,10 @@ def _named_stvit(spec: str, conversion: Dict[str, Any], *, pretrained: bool, che
     return model
 
 
-def _check_family(name: str, conversion: Dict[str, Any]) -> None:
-    """Each family takes its own token option: the other one is refused, never silently ignored."""
-    is_swin = "swin" in name
-    if is_swin and "num_semantic_tokens" in conversion:
-        raise InvalidArgumentError("{num_semantic_tokens} is for DeiT/ViT; Swin takes {semantic_tokens_per_window} "
-                                   "(semantic tokens per window)", num_semantic_tokens=None,
-                                   semantic_tokens_per_window=None)
-    if not is_swin and "semantic_tokens_per_window" in conversion:
-        raise InvalidArgumentError("{semantic_tokens_per_window} is for Swin; use {num_semantic_tokens} for DeiT/ViT",
-                                   num_semantic_tokens=None, semantic_tokens_per_window=None)
-
-
 def _converted(name: str, conversion: Dict[str, Any], *, pretrained: bool, checkpoint: Optional[PathLike],
                **kwargs: Any) -> nn.Module:
-    _check_family(name, conversion)
+    check_family_options("swin" in name, conversion.get("num_semantic_tokens"),
+                         conversion.get("semantic_tokens_per_window"), conversion.get("recovery"))
     # The source keeps its own head (its checkpoint's) so that its weights load strictly; num_classes resets the
     # converted model's head after.
     num_classes = kwargs.pop("num_classes", None)

@@ -52,14 +52,14 @@ def onnx_providers(device: Optional[str]) -> List[str]:
         return ["CPUExecutionProvider"]
     if spec.startswith("cuda"):
         if "CUDAExecutionProvider" not in available:
-            raise InvalidArgumentError(f"device={device}: this onnxruntime has no CUDAExecutionProvider "
-                                       "(install onnxruntime-gpu)")
+            raise InvalidArgumentError("{device=}: this onnxruntime has no CUDAExecutionProvider "
+                                       "(install onnxruntime-gpu)", device=device)
         index = int(spec.partition(":")[2] or 0)
         return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]  # type: ignore[list-item]
     if spec == "auto":
         return (["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available
                 else ["CPUExecutionProvider"])
-    raise InvalidArgumentError(f"device={device}: onnxruntime runs on cpu or cuda")
+    raise InvalidArgumentError("{device=}: onnxruntime runs on cpu or cuda", device=device)
 
 
 def read_onnx_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:

@@ -113,9 +113,10 @@ def predict_images(classifier: Classifier, paths: Sequence[PathLike], *, top_k: 
     errors: [{image, error}]}``; unreadable files and missing paths land in ``errors``, the rest is predicted.
     """
     if top_k is not None and not 1 <= top_k <= classifier.num_classes:
-        raise InvalidArgumentError(f"top_k={top_k} must be between 1 and the model's {classifier.num_classes} classes")
+        raise InvalidArgumentError(f"{{top_k=}} must be between 1 and the model's {classifier.num_classes} classes",
+                                   top_k=top_k)
     if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size must be at least 1, got {batch_size}")
+        raise InvalidArgumentError(f"{{batch_size}} must be at least 1, got {batch_size}", batch_size=batch_size)
     k = top_k or min(5, classifier.num_classes)
     images, errors = find_images(paths)
     predictions: List[Dict[str, Any]] = []

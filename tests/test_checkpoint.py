@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import stvit_core
-from stvit_core.checkpoint import atomic_directory, load_state_dict_file, read_config
+from stvit_core.checkpoint import load_state_dict_file, read_config
 from stvit_core.errors import CheckpointError, OutputExistsError, StvitError
+from stvit_core.files import atomic_directory
 
 from .conftest import TINY_VIT
 
@@ -221,7 +222,7 @@ def test_already_an_stvit_model_is_recognised(tmp_path, tiny_model):
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_outputs_get_the_permissions_of_the_umask(tmp_path, tiny_model, umask):
     # Temporary names are private (0600/0700); what is renamed into place must be readable like any file.
-    from stvit_core.checkpoint import atomic_write_bytes
+    from stvit_core.files import atomic_write_bytes
 
     old = os.umask(umask)
     try:

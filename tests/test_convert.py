@@ -9,7 +9,8 @@ import timm
 import torch
 
 import stvit_core
-from stvit_core.convert import convert, convert_model
+from stvit_core import load_model
+from stvit_core.convert import convert_model
 
 from .conftest import TINY_VIT
 
@@ -118,7 +119,7 @@ def test_non_vit_source_is_rejected():
 
 
 def test_convert_with_local_checkpoint(tiny_vit_checkpoint):
-    model = convert("deit_tiny", checkpoint=tiny_vit_checkpoint, num_semantic_tokens=36)
+    model = load_model("deit_tiny", convert=True, checkpoint=tiny_vit_checkpoint, num_semantic_tokens=36)
     src = torch.load(tiny_vit_checkpoint, weights_only=True)["model"]
     assert torch.equal(model.pos_embed, src["pos_embed"])
     assert torch.equal(model.head.weight, src["head.weight"])

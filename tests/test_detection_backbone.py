@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import stvit_core
+from stvit_core import load_model
 from stvit_core.checkpoint import load_state_dict_file
-from stvit_core.convert import convert
 from stvit_core.hub_access import disable_xet_unless_huggingface
 from stvit_core.layers import local_image_context, local_semantic_context
 from stvit_core.models.swin import checkpoint_filter_fn
@@ -65,7 +65,7 @@ def max_diff(maps, reference) -> float:
 
 
 def test_converted_coco_backbone_reproduces_the_official_detection_backbone(coco_ckpt, coco_expected):
-    model = convert("swin_small", checkpoint=coco_ckpt).eval()
+    model = load_model("swin_small", convert=True, checkpoint=coco_ckpt).eval()
     assert model.layout == "detection" and model.num_classes == 0 and model.dynamic_img_size
     assert sum(p.numel() for p in model.parameters()) == 361_256  # the official backbone at this width
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_neighbourhood_gathers_in_pieces_give_the_official_maps(coco_ckpt, coco_
     """CPU inference gathers large neighbourhoods a piece of windows at a time (CrossAttention.gather_chunk_bytes);
     with pieces of one window, of a few, and in one gather, the maps are the official ones and identical. With
     gradients flowing it keeps one gather per layer (pieces would each scatter into a full-size gradient)."""
-    model = convert("swin_small", checkpoint=coco_ckpt).eval()
+    model = load_model("swin_small", convert=True, checkpoint=coco_ckpt).eval()
     case = coco_expected["cases"][1]  # stage-3 map padded at the bottom and right: masks in every piece
     x = inputs(case, coco_expected)
     original = torch.Tensor.index_select
@@ -117,7 +117,7 @@ def test_the_release_masking_matters(coco_ckpt, coco_expected):
     x = inputs(case, coco_expected)
     model = timm.create_model("stvit_r_swin_small_patch4_window7_224", layout="detection", num_classes=0,
                               img_size=tuple(x.shape[-2:]), **TINY_S).eval()
-    model.load_state_dict(convert("swin_small", checkpoint=coco_ckpt).state_dict())
+    model.load_state_dict(load_model("swin_small", convert=True, checkpoint=coco_ckpt).state_dict())
     with torch.no_grad():
         assert max_diff(model.forward_intermediates(x, intermediates_only=True), case["features"]) <= TOLERANCE
         for unit in model.layers[2].units:
@@ -198,7 +198,7 @@ def test_detection_layout_parameter_counts():
 
 def test_imagenet_weights_load_into_the_detection_layout(release_ckpt):
     """As the released detector was fine-tuned: the ImageNet release's weights, the feature norms at identity."""
-    classification = convert("swin_small", checkpoint=release_ckpt)
+    classification = load_model("swin_small", convert=True, checkpoint=release_ckpt)
     detection = timm.create_model("stvit_r_swin_small_patch4_window7_224", layout="detection", num_classes=10,
                                   **TINY_S)
     detection.load_state_dict(checkpoint_filter_fn(load_state_dict_file(release_ckpt), detection))

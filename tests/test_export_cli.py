@@ -23,6 +23,7 @@ import torch
 from stvit_core import __version__, load_model, save_model
 from stvit_core.data import embedded_dataset_path, folder_classes, model_data_config
 
+from .conftest import run_cli
 from .train_utils import ROOT, TINY, cli_in_process, env
 
 onnx = pytest.importorskip("onnx")
@@ -153,7 +154,8 @@ def test_read_onnx_metadata_gives_the_models_data_config(stvit_dir, tmp_path):
     the metadata is written into a minimal ONNX file)."""
     from onnx import TensorProto, helper
 
-    from stvit_core.export import onnx_data_config, onnx_metadata, read_onnx_metadata
+    from stvit_core.export import onnx_metadata
+    from stvit_core.onnx_runtime import onnx_data_config, read_onnx_metadata
 
     model = load_model(stvit_dir)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10])
@@ -309,9 +311,7 @@ def test_without_onnxruntime_export_and_predict_say_which_extra_and_write_nothin
 def test_an_opset_the_exporter_cannot_write_is_one_line_and_no_file(stvit_dir, tmp_path, opset):
     """torch's exporter builds opset 18 and converts; a failed conversion used to log a traceback and write
     opset 18 anyway (1), or fail in onnxruntime naming a temporary file (999)."""
-    result = subprocess.run([sys.executable, "-m", "stvit_cli", "export", str(stvit_dir), "-o", "m.onnx",
-                             "--opset", str(opset)], capture_output=True, text=True, env=env(), cwd=tmp_path,
-                            timeout=300)
+    result = _stvit(["export", str(stvit_dir), "-o", "m.onnx", "--opset", str(opset)], tmp_path)
     assert result.returncode == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write ONNX opset {opset}"), result.stderr
@@ -320,7 +320,7 @@ def test_an_opset_the_exporter_cannot_write_is_one_line_and_no_file(stvit_dir, t
 
 def test_a_broken_symlink_in_an_image_folder_is_reported_not_skipped(tmp_path):
     from stvit_core.errors import DataError
-    from stvit_core.predict import find_images, read_image
+    from stvit_core.images import find_images, read_image
 
     image = next(iter(sorted((embedded_dataset_path() / "val" / "coat").iterdir())))
     (tmp_path / "a.png").write_bytes(image.read_bytes())
@@ -332,9 +332,8 @@ def test_a_broken_symlink_in_an_image_folder_is_reported_not_skipped(tmp_path):
         read_image(images[1])
 
 
-def _stvit(args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "stvit_cli", *args], capture_output=True, text=True, env=env(),
-                          cwd=cwd, timeout=timeout)
+def _stvit(args, cwd):
+    return run_cli(*args, env=env(), exact_env=True, cwd=cwd)
 
 
 def _one_error_line(result, code=2) -> str:

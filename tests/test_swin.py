@@ -3,6 +3,7 @@ Swin, dense features at several input sizes, and the CLI's answers to bad input.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import re
 import subprocess
@@ -13,9 +14,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.utils import reparameterize_model
 
 import stvit_core  # noqa: F401  (registers the models)
-from stvit_core.convert import convert, convert_model
+from stvit_core import load_model
+from stvit_core.convert import convert_model
 from stvit_core.flops import count_flops
 from stvit_core.layers import pool_windows, window_neighbourhood_index
 from stvit_core.models.swin import RecoverySwinTransformer, checkpoint_filter_fn
@@ -43,7 +46,7 @@ def expected():
 
 
 def test_release_checkpoint_reproduces_official_logits(release_ckpt, expected):
-    model = convert("swin_small", checkpoint=release_ckpt).eval()
+    model = load_model("swin_small", convert=True, checkpoint=release_ckpt).eval()
     assert isinstance(model, RecoverySwinTransformer) and model.stem == "conv"
     with torch.no_grad():
         logits = model(expected["input"])
@@ -74,7 +77,7 @@ def test_release_format_with_global_tokens_and_4_tokens_per_window(tmp_path):
     path = tmp_path / "global4.pth"
     path.write_bytes(gzip.decompress((FIXTURES / "stvit_r_swin_t_global4_tiny.pth.gz").read_bytes()))
     exp = torch.load(FIXTURES / "stvit_r_swin_t_global4_tiny_expected.pt", weights_only=True)
-    model = convert("swin_tiny", checkpoint=path).eval()
+    model = load_model("swin_tiny", convert=True, checkpoint=path).eval()
     assert model.semantic_tokens_per_window == 4
     with torch.no_grad():
         assert (model(exp["input"]) - exp["logits"]).abs().max().item() <= 1e-4
@@ -242,7 +245,7 @@ def test_release_checkpoint_of_another_size_is_refused(release_ckpt):
     from stvit_core.errors import CheckpointError, InvalidArgumentError
 
     with pytest.raises(CheckpointError, match="does not match swin_tiny"):
-        convert("swin_tiny", checkpoint=release_ckpt)
+        load_model("swin_tiny", convert=True, checkpoint=release_ckpt)
     with pytest.raises(InvalidArgumentError, match="Swin converts to STViT-R only"):
         convert_model(timm.create_model("swin_tiny_patch4_window7_224", **TINY), recovery=False)
 
@@ -250,7 +253,7 @@ def test_release_checkpoint_of_another_size_is_refused(release_ckpt):
 def test_benchmark_covers_swin():
     from stvit_core.benchmark import BenchmarkSettings, benchmark_pair, models_for_benchmark
 
-    base, ours, name = models_for_benchmark("swin_tiny", stvit_kwargs={"semantic_tokens_per_window": 4}, **TINY)
+    base, ours, name = models_for_benchmark("swin_tiny", semantic_tokens_per_window=4, **TINY)
     assert name.startswith("swin_tiny") and ours.semantic_tokens_per_window == 4
     settings = BenchmarkSettings(batch_size=1, warmup=1, rounds=1, min_round_time=0.01)
     result = benchmark_pair(base, ours, settings)
@@ -283,7 +286,7 @@ def test_convert_from_a_microsoft_layout_checkpoint_file(tmp_path):
         ms[k] = v
     path = tmp_path / "swin_tiny_ms.pth"
     torch.save({"model": ms}, path)
-    model = convert("swin_tiny", checkpoint=path, source_kwargs=TINY)
+    model = load_model("swin_tiny", convert=True, checkpoint=path, **TINY)
     ref = convert_model(src)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
 
@@ -301,9 +304,10 @@ def test_layer_decay_groups_follow_swin_depth():
         < order("layers.2.units.2.image_blocks.0.norm1.weight") < order("layers.3.blocks.0.norm1.weight")
 
 
-def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
-    """Inference runs the stem with BatchNorm folded into the convolutions (channels-last): the same function as
-    the Conv-BN-Hardswish layers in eval mode, within float rounding; training keeps the layers."""
+def test_conv_stem_is_conv_bn_hardswish_and_fuse_folds_batchnorm_once():
+    """The stem's forward is the released Conv-BN-Hardswish layers, in eval mode too; ``fuse()`` (timm's
+    reparameterisation hook) folds each BatchNorm into its convolution once: the same function within float
+    rounding, channels-last, activations in place."""
     from stvit_core.models.swin import ConvStem
 
     torch.manual_seed(0)
@@ -315,9 +319,15 @@ def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
             torch.nn.init.normal_(m.weight)
             torch.nn.init.normal_(m.bias)
     x = torch.randn(2, 3, 61, 90)
+    stem.train()
+    assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
     stem.eval()
+    unfused = copy.deepcopy(stem)
     with torch.no_grad():
         reference = stem.proj(torch.nn.functional.pad(x, (0, 2, 0, 3))).permute(0, 2, 3, 1)
+        assert torch.equal(stem(x), reference)  # unfused: the layers themselves
+        assert stem.fuse() is stem and stem.fuse() is stem  # a second call does nothing
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in stem.modules())
         folded = stem(x)
     assert folded.shape == (2, 16, 23, 32)
     torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
@@ -325,11 +335,21 @@ def test_conv_stem_folds_batchnorm_at_inference_with_the_same_outputs():
     # and the caller's image is untouched
     x_copy, xg, xr = x.clone(), x.clone().requires_grad_(), x.clone().requires_grad_()
     stem(xg).square().sum().backward()
-    stem.proj(torch.nn.functional.pad(xr, (0, 2, 0, 3))).square().sum().backward()
+    unfused(xr).square().sum().backward()
     torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-4, atol=1e-4)
     assert torch.equal(x, x_copy)
-    stem.train()
-    assert stem(x).requires_grad and stem.proj[1].num_batches_tracked.item() == 1
+
+
+def test_reparameterize_model_folds_the_conv_stem():
+    """timm's ``reparameterize_model`` finds the stem's ``fuse()``: same logits within float rounding."""
+    torch.manual_seed(0)
+    model = timm.create_model("stvit_r_swin_tiny_patch4_window7_224", **TINY).eval()
+    x = torch.randn(1, 3, 224, 224)
+    fused = reparameterize_model(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy is fused
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def _run_speed_script(*args: str) -> subprocess.CompletedProcess:

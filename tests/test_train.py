@@ -12,7 +12,7 @@ import yaml
 
 from stvit_core import load_model
 from stvit_core.errors import InvalidArgumentError, OutputExistsError
-from stvit_core.train import DistillationLoss, create_model_for_training, resolve_config, train
+from stvit_core.train import DistillationLoss, resolve_config, train
 from tests.train_utils import (
     ROOT,
     assert_one_line_error,
@@ -159,9 +159,8 @@ def test_options_that_cannot_apply_are_refused(tmp_path, tiny_model_dir):
         ([*model, "--distill-alpha", "0.3"], "--distill-alpha applies only with --distill"),
         ([*model, "--model-ema-decay", "0.9"], "--model-ema-decay applies only with --model-ema"),
         ([*model, "--no-model-ema", "--model-ema-decay", "0.9"], "--model-ema-decay applies only with --model-ema"),
-        ([*model, "--no-pretrained"], f"--no-pretrained applies to model names only; {tiny_model_dir} is a saved "
-                                      "model with its own weights"),
-        ([*model, "--checkpoint", str(weights)], f"--checkpoint applies to model names only; {tiny_model_dir} is"),
+        ([*model, "--no-pretrained"], f"--no-pretrained cannot apply to a saved model ({tiny_model_dir}): it has its own weights"),
+        ([*model, "--checkpoint", str(weights)], f"--checkpoint {weights} cannot apply to a saved model ({tiny_model_dir})"),
         (["-m", "deit_tiny", "--no-pretrained", "--checkpoint", str(weights)],
          "--checkpoint and --no-pretrained exclude each other"),
         ([*model, "--lr", "0.001", "--base-lr", "0.5"], "--lr and --base-lr exclude each other"),
@@ -178,9 +177,10 @@ def test_options_that_cannot_apply_are_refused(tmp_path, tiny_model_dir):
 
 def test_a_saved_teacher_keeps_its_weights_with_no_pretrained(tiny_model_dir):
     """--no-pretrained is for the student's name: a teacher directory is still loaded with its weights."""
-    from stvit_core.train_models import create_teacher
+    from stvit_core.train_models import teacher_for
 
-    teacher = create_teacher(str(tiny_model_dir), pretrained=False)
+    student = load_model(tiny_model_dir)
+    teacher = teacher_for(student, "deit_tiny", str(tiny_model_dir), pretrained=False)
     expected = load_model(tiny_model_dir).state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in teacher.state_dict().items())
 
@@ -221,7 +221,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(tmp_path):
               "-d", str(data), "--epochs", "2", "-b", "10", "--workers", "0", "--deterministic", "--seed", "1",
               "--aa", "rand-m9-mstd0.5", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
               "--drop-path", "0.1", "--model-ema", "--model-ema-decay", "0.9", "--quiet"]
-    full = cli([*common, "-o", str(tmp_path / "full")])
+    full = cli([*common, "-o", str(tmp_path / "full")], fresh_process=True)
     assert full.returncode == 0, full.stderr
 
     out = tmp_path / "killed"
@@ -236,7 +236,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(last, weights_only=True)
     assert (ckpt["epoch"], ckpt["batches_done"]) != (2, 0), "the run finished before it could be killed"
-    resumed = cli([*common, "-o", str(out), "--resume", str(last)])
+    resumed = cli([*common, "-o", str(out), "--resume", str(last)], fresh_process=True)
     assert resumed.returncode == 0, resumed.stderr
     within = f" (batch {ckpt['batches_done']} of it done)" if ckpt["batches_done"] else ""
     assert f"resuming from {last} at epoch {ckpt['epoch'] + 1}{within}, step {ckpt['num_updates']}\n" in resumed.stderr
@@ -298,7 +298,7 @@ def test_torchrun_two_cpu_processes_and_eval_agrees(tmp_path):
 @pytest.mark.slow
 def test_finetune_cli_bad_inputs(tmp_path, small_data, tiny_model_dir):
     base = ["finetune", "-m", str(tiny_model_dir), "--epochs", "1", "-b", "10", "--workers", "0", "--quiet"]
-    r = cli([*base, "-d", str(tmp_path / "missing"), "-o", str(tmp_path / "o1")])  # one real process
+    r = cli([*base, "-d", str(tmp_path / "missing"), "-o", str(tmp_path / "o1")], fresh_process=True)  # one real process
     assert_one_line_error(r, "not found")
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "val").mkdir()
@@ -349,14 +349,14 @@ def test_finetune_converts_a_timm_name_and_distils_from_its_source(small_data, t
 
 
 def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model_dir):
-    from stvit_core.train import create_model_for_training, teacher_for
+    from stvit_core.train import teacher_for
 
     torch.manual_seed(0)
     source = tiny_deit()
     torch.save(source.state_dict(), tmp_path / "deit.pth")
     shape = {k: v for k, v in TINY_ARGS.items() if k != "num_classes"}  # the head size comes from the file
-    student = create_model_for_training("deit_tiny_patch16_224", tokens=4, checkpoint=str(tmp_path / "deit.pth"),
-                                        model_kwargs=shape)
+    student = load_model("deit_tiny_patch16_224", num_semantic_tokens=4, checkpoint=str(tmp_path / "deit.pth"),
+                         convert=True, **shape)
     assert student.num_classes == 10
     teacher = teacher_for(student, "deit_tiny_patch16_224", checkpoint=str(tmp_path / "deit.pth"),
                           model_kwargs={**shape, "num_semantic_tokens": 4})
@@ -365,8 +365,8 @@ def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model
     assert all(torch.equal(v, expected[k]) for k, v in teacher.state_dict().items())
 
     # --num-classes resets the student's head; the source's head does not know those classes
-    reset = create_model_for_training("deit_tiny_patch16_224", tokens=4, pretrained=False, model_kwargs=shape,
-                                      num_classes=10)
+    reset = load_model("deit_tiny_patch16_224", num_semantic_tokens=4, pretrained=False, convert=True, **shape,
+                       num_classes=10)
     with pytest.raises(InvalidArgumentError, match="predicts 1000 classes, the student 10"):
         teacher_for(reset, "deit_tiny_patch16_224", pretrained=False, model_kwargs=shape)
 
@@ -381,15 +381,15 @@ def test_teacher_defaults_to_the_source_of_a_converted_name(tmp_path, tiny_model
 def test_token_options_that_cannot_apply_are_refused(tmp_path, small_data):
     model_dir = converted_model_dir(tmp_path / "converted", tokens=4)
     for spec, kwargs, fragment in [
-        (str(model_dir), {"tokens": 36}, "--tokens applies when MODEL is a model name"),
-        ("hf-hub:org/model", {"tokens": 16}, "--tokens applies when MODEL is a model name"),
-        (str(model_dir), {"tokens_per_window": 4}, "--tokens-per-window applies when"),
-        ("swin_tiny", {"tokens": 36}, "Swin takes --tokens-per-window"),
-        ("stvit_r_swin_tiny_patch4_window7_224", {"tokens": 16}, "Swin takes --tokens-per-window"),
-        ("deit_tiny", {"tokens_per_window": 4}, "--tokens-per-window is for Swin"),
+        (str(model_dir), {"num_semantic_tokens": 36}, "num_semantic_tokens=36 cannot apply to a saved model"),
+        ("hf-hub:org/model", {"num_semantic_tokens": 16}, "num_semantic_tokens=16 cannot apply to a saved model"),
+        (str(model_dir), {"semantic_tokens_per_window": 4}, "semantic_tokens_per_window=4 cannot apply"),
+        ("swin_tiny", {"num_semantic_tokens": 36}, "Swin takes semantic_tokens_per_window"),
+        ("stvit_r_swin_tiny_patch4_window7_224", {"num_semantic_tokens": 16}, "Swin takes semantic_tokens_per_window"),
+        ("deit_tiny", {"semantic_tokens_per_window": 4}, "semantic_tokens_per_window is for Swin"),
     ]:
         with pytest.raises(InvalidArgumentError, match=fragment):
-            create_model_for_training(spec, pretrained=False, **kwargs)
+            load_model(spec, pretrained=spec.startswith(("/", "hf-hub:")), convert=True, **kwargs)
     out = tmp_path / "ft"
     for args in (["-m", str(model_dir), "--tokens", "36"], ["-m", "swin_tiny", "--no-pretrained", "--tokens", "36"]):
         r = cli_in_process(["finetune", *args, "-d", str(small_data), "-o", str(out), "--epochs", "1"])
@@ -398,7 +398,7 @@ def test_token_options_that_cannot_apply_are_refused(tmp_path, small_data):
 
 
 def test_finetuned_model_keeps_its_record_and_evaluation_and_resume_says_where(tmp_path, small_data):
-    from stvit_core.hub import read_eval_results
+    from stvit_core.model_card import read_eval_results
 
     model_dir = converted_model_dir(tmp_path / "converted", tokens=4)
     source_record = json.loads((model_dir / "config.json").read_text())["stvit"]

@@ -24,7 +24,7 @@ from ._common import (
               help="Output directory; must not exist unless --force.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE",
               help="Local source weights (.pth/.pt/.bin/.safetensors) instead of downloading.")
-@click.option("--no-pretrained", is_flag=True, help="Random source weights (nothing downloaded).")
+@click.option("--no-pretrained", is_flag=True, cls=LibraryOption, library_name="pretrained", help="Random source weights (nothing downloaded).")
 @click.option("--image-blocks", "num_image_blocks", type=positive_int(), default=None, show_default="4", metavar="N",
               help="STViT-DeiT/ViT: ordinary blocks before the semantic token generator.")
 @click.option("--pool", "semantic_token_pool", type=click.Choice(["max", "avg"]), default="max", show_default=True,

@@ -10,6 +10,7 @@ import click
 from click.core import ParameterSource
 
 from ._common import (
+    LibraryOption,
     device_option,
     echo_json,
     json_option,
@@ -140,7 +141,7 @@ def _check_dependent_options(ctx: click.Context, cfg: Any, config_file: Optional
 @tokens_per_window_option
 @click.option("--num-classes", type=positive_int(), default=None, show_default="the model's", metavar="N",
               help="Reset the head to this many classes.")
-@click.option("--no-pretrained", is_flag=True,
+@click.option("--no-pretrained", is_flag=True, cls=LibraryOption, library_name="pretrained",
               help="Start from random weights (model names only; not with --checkpoint).")
 @click.option("--checkpoint", default=None, metavar="FILE", show_default="the name's pretrained weights",
               help="Weights file for a model name (not for a model directory).")
