@@ -1,6 +1,6 @@
 """Does converting pay? DeiT vs STViT-DeiT on the embedded Fashion-MNIST subset, from scratch and converted.
 
-    PYTHONPATH=. python benchmarks/fashion_mnist_recipe.py --output bench-fm [--epochs 15] [--width 48] [--jobs 2]
+    python benchmarks/fashion_mnist_recipe.py --output bench-fm [--epochs 15] [--width 48] [--jobs 2]
 
 Runs, all on the embedded subset (2000 train / 500 val images, 10 classes, upsampled 28 -> 32 px, patch 4,
 so 64 image tokens), with the same recipe and budget for (a) and (b):
@@ -15,7 +15,8 @@ The default width is 48 (DeiT-Tiny has 192) with 2 heads and 15 epochs, so the w
 minutes on 2 shared CPU cores; depth (12) and the STViT layout are DeiT-Tiny's. Pass --width 192 --heads 3
 for the real width (about 15x the compute). --jobs 2 trains (a) beside (b), then the two fine-tunes side
 by side, one thread each (300 epochs: about an hour on 2 cores). --scale-min sets RandomResizedCrop's
-smallest area (0.35 by default; docs/benchmarks-training.md's long runs use 0.8).
+smallest area (0.35 by default; docs/benchmarks-training.md's long runs use 0.8). --data runs the same recipe
+on another ImageFolder with train/ and val/ (10 classes).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def build(arch: str, args: argparse.Namespace) -> torch.nn.Module:
 def run(name: str, model: torch.nn.Module, args: argparse.Namespace, *, epochs: int, lr: float,
         warmup: float, teacher: Optional[torch.nn.Module] = None) -> List[Dict[str, Any]]:
     cfg = resolve_config(overrides=dict(
-        data=str(embedded_dataset_path()), output=str(args.output / name), epochs=epochs, batch_size=args.batch_size,
+        data=str(args.data), output=str(args.output / name), epochs=epochs, batch_size=args.batch_size,
         lr=lr, warmup_epochs=warmup, min_lr=1e-5, weight_decay=0.05, clip_grad=5.0, smoothing=0.1,
         scale_min=args.scale_min, workers=args.workers, seed=args.seed, quiet=True,
         distill="soft" if teacher is not None else None, distill_alpha=0.5, distill_tau=1.0,
@@ -79,7 +80,7 @@ def run(name: str, model: torch.nn.Module, args: argparse.Namespace, *, epochs: 
 def accuracy(model: torch.nn.Module, args: argparse.Namespace) -> float:
     dist = DistInfo()
     tf = stdata.build_transform(stdata.model_data_config(model), training=False)
-    val = stdata.folder_dataset(embedded_dataset_path() / "val", tf)
+    val = stdata.folder_dataset(args.data / "val", tf)
     return validate(model, eval_loader(val, 100, 0, dist), dist)["top1"]
 
 
@@ -110,9 +111,11 @@ def first_within(rows: List[Dict[str, Any]], target: float) -> Optional[int]:
     return next((r["epoch"] for r in rows if r["top1"] >= target), None)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("bench-fashion-mnist"))
+    parser.add_argument("--data", type=Path, default=embedded_dataset_path(),
+                        help="ImageFolder with train/ and val/ (default: the embedded Fashion-MNIST subset)")
     parser.add_argument("--epochs", type=int, default=15, help="from-scratch epochs for (a) and (b)")
     parser.add_argument("--ft-epochs", type=int, default=None, help="fine-tune epochs for (c) [epochs // 5]")
     parser.add_argument("--width", type=int, default=48)
@@ -130,7 +133,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, choices=(1, 2),
                         help="processes: 2 runs (a) beside (b) and the two fine-tunes side by side")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     ft_epochs = args.ft_epochs or max(1, args.epochs // 5)
     torch.set_num_threads(args.threads)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,37 @@ def _run(module: ModuleType, argv: list) -> list:
     with contextlib.redirect_stdout(buffer):
         module.main(argv)
     return buffer.getvalue().splitlines()
+
+
+@pytest.mark.slow
+def test_fashion_mnist_recipe_runs_all_four_runs_on_a_tiny_folder(tmp_path):
+    """benchmarks/fashion_mnist_recipe.py end to end (a real process: it forks its runs) on 7 training and 3
+    validation images per class, one epoch at width 8: four curves, the summary and the table."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from stvit_core.data import embedded_dataset_path
+
+    from .conftest import cli_env
+
+    data = tmp_path / "tiny"
+    for split, count in (("train", 7), ("val", 3)):
+        for class_dir in sorted((embedded_dataset_path() / split).iterdir()):
+            (data / split / class_dir.name).mkdir(parents=True)
+            for image in sorted(class_dir.iterdir())[:count]:
+                shutil.copy(image, data / split / class_dir.name / image.name)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "fashion_mnist_recipe.py"), "--data",
+                           str(data), "--output", str(out), "--epochs", "1", "--width", "8", "--heads", "1",
+                           "--batch-size", "16", "--workers", "0", "--threads", "1"],
+                          capture_output=True, text=True, env=cli_env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary["runs"]) == ["deit_scratch", "stvit_scratch", "stvit_converted_ft",
+                                     "stvit_converted_ft_distill"]
+    assert all(len(run["top1_per_epoch"]) == 1 for run in summary["runs"].values())
+    assert 0 <= summary["top1_right_after_conversion"] <= 100
+    assert (out / "curves.csv").read_text().count("\n") == 5
+    assert proc.stdout.count("| stvit_") == 3
