@@ -22,8 +22,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stvit demo --output runs/demo --force
 
+# ruff: pyflakes and import order; lint-imports: the layers of stvit_core (contracts in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 # -n auto: one test process per core (each test process uses one torch thread, see tests/conftest.py).
 # --durations=15 names the slowest tests, so a test that grew slow is seen (mark it slow, or make it fast).
