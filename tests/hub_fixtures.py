@@ -1,7 +1,7 @@
-"""Fixtures for the Hub tests: a loopback Hub server, the environment for CLI subprocesses, a tiny model.
+"""Fixtures for the Hub tests: a loopback Hub server, the environment for a CLI run, a tiny model.
 
-The CLI runs in subprocesses with HF_ENDPOINT pointing at the loopback server (huggingface_hub reads it
-at import time), HF_HUB_DISABLE_XET=1 and a fresh HF_HOME, so nothing touches the user's cache or login.
+The CLI runs (in the test process or a fresh one) with HF_ENDPOINT pointing at the loopback server (huggingface_hub
+reads it at import time), HF_HUB_DISABLE_XET=1 and a fresh HF_HOME, so nothing touches the user's cache or login.
 """
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ import secrets
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
+import timm
+import torch
+from huggingface_hub.utils import disable_progress_bars
+
+from stvit_core import save_model
 
 from .hub_server import HubServer
 
@@ -29,15 +34,13 @@ USERS = {ALICE_TOKEN: ("alice", ["stvit-org"]), BOB_TOKEN: ("bob", [])}
 @pytest.fixture
 def hub_server(tmp_path_factory) -> HubServer:
     """A fresh loopback Hub (users alice and bob) for one test."""
-    from huggingface_hub.utils import disable_progress_bars
-
     disable_progress_bars()  # for the in-process pushes and pulls (subprocesses get the env variable)
     with HubServer(tmp_path_factory.mktemp("hub-storage"), USERS) as server:
         yield server
 
 
 def hub_env(server_url: str, hf_home: Path, token: Optional[str] = None) -> Dict[str, str]:
-    """Environment for a CLI subprocess talking to ``server_url`` with its own HF_HOME."""
+    """Environment for a CLI run talking to ``server_url`` with its own HF_HOME."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update({
         "HF_ENDPOINT": server_url,
@@ -53,11 +56,6 @@ def hub_env(server_url: str, hf_home: Path, token: Optional[str] = None) -> Dict
     return env
 
 
-def run_cli(args: List[str], env: Dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stvit_cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=str(REPO_ROOT))
-
-
 def run_python(code: str, env: Dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=str(REPO_ROOT))
@@ -65,11 +63,6 @@ def run_python(code: str, env: Dict[str, str], timeout: float = 180) -> subproce
 
 def make_tiny_model(path: Path, *, seed: int = 0, metadata: Optional[dict] = None) -> Path:
     """Save a tiny STViT-DeiT (real architecture, 48 wide, 32 px images) in stvit's checkpoint format."""
-    import timm
-    import torch
-
-    from stvit_core import save_model
-
     torch.manual_seed(seed)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=12, num_heads=3, num_classes=10,
                   num_semantic_tokens=4)

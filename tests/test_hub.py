@@ -3,21 +3,30 @@ and the loopback server's HTTP details (resolve headers, Range, auth). End-to-en
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 import json
 import os
 import re
+import socket
 import urllib.error
 import urllib.request
 
+import huggingface_hub
+import huggingface_hub.lfs
 import pytest
 import yaml
+from huggingface_hub import HfApi, constants
+from safetensors.torch import load_file
 
-from stvit_core.errors import CheckpointError
+from stvit_core.errors import CheckpointError, DownloadError, InvalidArgumentError
 from stvit_core.hub import pull_from_hub, push_to_hub
 from stvit_core.hub_access import HubError, disable_xet_unless_huggingface, scrub
 from stvit_core.model_card import find_extra_files, read_eval_results, render_model_card
 
-from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, make_tiny_model
+from . import conftest
+from .hub_fixtures import ALICE_TOKEN, BAD_TOKEN, BOB_TOKEN, REPO_ROOT, hub_env, make_tiny_model
 
 
 def front_matter(card: str) -> dict:
@@ -57,8 +66,6 @@ def test_model_card_without_results_has_no_model_index(tmp_path):
     assert meta["base_model"] == "someone/deit-x"
     body = render_model_card(model_dir, "alice/plain")
     assert "No evaluation results" in body
-    from safetensors.torch import load_file
-
     params = sum(t.numel() for t in load_file(model_dir / "model.safetensors").values())
     assert f"| Parameters | {params / 1e6:.2f}M" in body  # counted from the weights: no params_m in metadata
 
@@ -85,8 +92,6 @@ def test_scrub_removes_tokens():
 
 
 def test_xet_is_disabled_for_self_hosted_endpoints(monkeypatch):
-    from huggingface_hub import constants
-
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
     disable_xet_unless_huggingface("https://huggingface.co")
@@ -95,17 +100,14 @@ def test_xet_is_disabled_for_self_hosted_endpoints(monkeypatch):
     assert constants.HF_HUB_DISABLE_XET is True and os.environ["HF_HUB_DISABLE_XET"] == "1"
 
 
-@pytest.mark.slow
 def test_cli_push_to_a_self_hosted_hub_works_without_disabling_xet_by_hand(hub_server, tmp_path):
     """hf-xet is installed and would be used for uploads; stvit turns it off for any endpoint but huggingface.co,
-    in the process that pushes, so the plain LFS protocol reaches the self-hosted server."""
-    import importlib.util
-
-    from .hub_fixtures import hub_env, run_cli
-
+    in the process that pushes (huggingface_hub's settings read from an environment without
+    HF_HUB_DISABLE_XET), so the plain LFS protocol reaches the self-hosted server."""
     env = hub_env(hub_server.url, tmp_path / "home", ALICE_TOKEN)
     del env["HF_HUB_DISABLE_XET"]
-    proc = run_cli(["push-to-hub", str(make_tiny_model(tmp_path / "m")), "alice/no-xet", "--json"], env)
+    proc = conftest.run_cli("push-to-hub", make_tiny_model(tmp_path / "m"), "alice/no-xet", "--json", env=env,
+                            exact_env=True, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["repo_id"] == "alice/no-xet"
     assert hub_server.state.lfs_batches, "the weights went through the Git-LFS batch API"
@@ -157,8 +159,6 @@ def test_a_token_written_into_a_results_file_is_never_uploaded(hub_server, tmp_p
 
 
 def test_pulling_a_repo_that_is_not_a_model_leaves_no_output(hub_server, tmp_path):
-    from huggingface_hub import HfApi
-
     api = HfApi(endpoint=hub_server.url, token=ALICE_TOKEN)
     api.create_repo("alice/text-only")
     api.upload_file(path_or_fileobj=b"hello", path_in_repo="notes.txt", repo_id="alice/text-only")
@@ -198,8 +198,6 @@ def test_server_resolve_headers_range_and_auth(hub_server, tmp_path):
     assert status == 200 and body == b""
     assert headers["X-Repo-Commit"] == result.commit_oid
     assert int(headers["X-Linked-Size"]) == int(headers["Content-Length"]) == len(weights)
-    import hashlib
-
     assert headers["X-Linked-Etag"].strip('"') == hashlib.sha256(weights).hexdigest()
 
     status, headers, body = http("GET", url, ALICE_TOKEN, {"Range": "bytes=8-27"})
@@ -225,16 +223,12 @@ def test_server_resolve_headers_range_and_auth(hub_server, tmp_path):
 
 
 def test_library_errors_are_one_line_and_scrubbed(hub_server, tmp_path, monkeypatch):
-    from stvit_core.errors import InvalidArgumentError
-
     with pytest.raises(HubError, match=r"authentication failed \(HTTP 401\)") as err:
         pull_from_hub("alice/x", output_dir=tmp_path / "o", token=BAD_TOKEN, endpoint=hub_server.url)
     assert BAD_TOKEN not in str(err.value) and "\n" not in str(err.value)
     model_dir = make_tiny_model(tmp_path / "m")
     with pytest.raises(InvalidArgumentError, match="Repo id must"):
         push_to_hub(model_dir, "not a repo id!", token=ALICE_TOKEN, endpoint=hub_server.url)
-    import huggingface_hub
-
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)  # no HF_TOKEN, no saved login
     with pytest.raises(HubError, match="needs a Hugging Face token"):
         push_to_hub(model_dir, "alice/x", endpoint=hub_server.url)
@@ -242,10 +236,6 @@ def test_library_errors_are_one_line_and_scrubbed(hub_server, tmp_path, monkeypa
 
 
 def test_upload_dropped_until_retries_run_out_is_a_clear_error(hub_server, tmp_path, monkeypatch):
-    import functools
-
-    import huggingface_hub.lfs
-
     # huggingface_hub retries 5 times over ~23 s; keep its logic but with 1 retry and short waits.
     fast = functools.partial(huggingface_hub.lfs.http_backoff, max_retries=1, base_wait_time=0.05)
     monkeypatch.setattr(huggingface_hub.lfs, "http_backoff", fast)
@@ -259,12 +249,6 @@ def test_upload_dropped_until_retries_run_out_is_a_clear_error(hub_server, tmp_p
 
 def test_pull_offline_or_unreachable_takes_the_cached_snapshot(hub_server, tmp_path, monkeypatch):
     """The cache is what `hf-hub:` loads use offline; pull uses it too, also into --output, and says so."""
-    import socket
-
-    from huggingface_hub import constants
-
-    from stvit_core.errors import DownloadError
-
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # not the user's cache
     model_dir = make_tiny_model(tmp_path / "m")
     pushed = push_to_hub(model_dir, "alice/offline", token=ALICE_TOKEN, endpoint=hub_server.url)
