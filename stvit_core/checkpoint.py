@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -29,14 +28,11 @@ from timm.models import load_state_dict, save_for_hf
 from .errors import CheckpointError, DownloadError, StvitError, first_line
 from .files import atomic_directory
 from .hub_access import require_hub_files, split_repo_spec
+from .models.swin import RELEASE_PICKLE_GLOBALS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PathLike = Union[str, os.PathLike]
-
-# Config objects that training scripts pickle next to the weights, read as plain containers (never executed):
-# yacs' CfgNode (Swin / STViT-R checkpoints: {'model': ..., 'config': CfgNode}) is a dict subclass.
-_CONFIG_STANDINS = [(OrderedDict, "yacs.config.CfgNode"), set]
 
 
 def model_args_of(model: nn.Module) -> Dict[str, Any]:
@@ -214,7 +210,7 @@ def load_state_dict_file(path: PathLike) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         # weights_only=True, and only our config stand-ins allowed besides tensors: a checkpoint never runs code
-        with torch.serialization.safe_globals(_CONFIG_STANDINS):
+        with torch.serialization.safe_globals(RELEASE_PICKLE_GLOBALS):
             obj: Any = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except (AttributeError, TypeError):  # loaded, but timm found no mapping to unwrap (a list, a number...)
         obj = None

@@ -6,9 +6,10 @@ from . import (
     swin,  # noqa: F401
 )
 from .deit import RecoveryVisionTransformer, SemanticVisionTransformer
-from .swin import RecoverySwinTransformer
+from .swin import DetectionSwinTransformer, RecoverySwinTransformer
 
 __all__ = [
+    "DetectionSwinTransformer",
     "RecoverySwinTransformer",
     "RecoveryVisionTransformer",
     "SemanticVisionTransformer",

@@ -10,13 +10,14 @@ The STViT layers have separate ``q``/``kv`` projections, LayerScale (1e-5 at ini
 bias, as released. The release replaces Swin's patch embedding by a convolutional stem (``stem='conv'``);
 ``stem='patch'`` keeps Swin's, for conversion from timm's pretrained Swin.
 
-``layout='detection'`` is the released *detection* backbone (github.com/changsn/STViT-R-Object-Detection) with
-the same parameters plus a LayerNorm on each output map: both generator layers and the recovery layer attend
-over local neighbourhoods (:mod:`stvit_core.layers.local`), every Swin block pads its map to whole windows
-before shifting them and always shifts (mmdetection's Swin), and the final norm is the last feature norm.
+``layout='detection'`` builds :class:`DetectionSwinTransformer`, the released *detection* backbone
+(github.com/changsn/STViT-R-Object-Detection) with the same parameters plus a LayerNorm on each output map: both
+generator layers and the recovery layer attend over local neighbourhoods (:mod:`stvit_core.layers.local`), every
+Swin block pads its map to whole windows before shifting them and always shifts (mmdetection's Swin), and the
+final norm is the last feature norm.
 
-The model subclasses timm's :class:`~timm.models.swin_transformer.SwinTransformer` and swaps stage 3 for a
-:class:`RecoverySwinStage` with the same NHWC interface, so it follows timm's Swin conventions: ``forward_features``
+The model subclasses timm's :class:`~timm.models.swin_transformer.SwinTransformer`, its blocks are
+:class:`SwinBlock` (timm's, exportable) and stage 3 is a :class:`RecoverySwinStage` with the same NHWC interface, so it follows timm's Swin conventions: ``forward_features``
 is NHWC (``output_fmt = 'NHWC'``), ``forward_intermediates`` gives NCHW maps (``output_fmt='NHWC'`` too), and
 ``features_only=True`` gives the four stage maps (strides 4/8/16/32) NHWC as timm's Swin does, NCHW with
 ``output_fmt='NCHW'``.
@@ -32,6 +33,7 @@ gives exactly the released computation; the detection layout masks as the releas
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -58,6 +60,7 @@ from timm.models.swin_transformer import (
 )
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter_fn
 from timm.models.vision_transformer import init_weights_vit_timm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..layers import (
     DETECTION_NEIGHBOURHOODS,
@@ -77,13 +80,17 @@ from ..layers import (
 )
 
 __all__ = [
+    "RELEASE_PICKLE_GLOBALS",
     "ConvStem",
+    "DetectionSwinTransformer",
+    "ExportableWindowAttention",
+    "PadThenShiftSwinBlock",
     "RecoverySwinStage",
     "RecoverySwinTransformer",
+    "SwinBlock",
     "checkpoint_filter_fn",
 ]
 
-LAYOUTS = ("classification", "detection")
 _STEM_STRIDE = 4
 
 
@@ -100,7 +107,8 @@ def _stem_grid(img_size: Tuple[int, int]) -> Tuple[int, int]:
 
 
 class ConvStem(nn.Module):
-    """The released stem: two 3x3 stride-2 Conv-BN-Hardswish layers (stride 4), NHWC output.
+    """The released stem: two 3x3 stride-2 Conv-BN-Hardswish layers (stride 4), NHWC output; :meth:`fuse` folds
+    the BatchNorms for inference.
 
     Accepts timm's ``PatchEmbed`` constructor arguments so it drops into :class:`SwinTransformer`.
     """
@@ -138,22 +146,26 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.strict_img_size:
             _check_stem_input(x, self.img_size)
-        x = _pad_to_multiple(x, _STEM_STRIDE)
-        if self.training or torch.jit.is_scripting():
-            return self.proj(x).permute(0, 2, 3, 1)
-        return self._forward_folded(x)
+        return self.proj(_pad_to_multiple(x, _STEM_STRIDE)).permute(0, 2, 3, 1)
 
-    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference: BatchNorm folded into the convolutions, channels-last (the same function within float
-        rounding). On CPU this runs the stem in ~0.6x the time (BatchNorm passes over full-resolution maps
-        are gone, and the NHWC output needs no copy). The activations run in place on the convolutions' fresh
-        outputs: at 800x1333 a second 51 MB map per layer would be fresh pages to fault in (~0.7x again)."""
-        x = x.contiguous(memory_format=torch.channels_last)
-        for conv, bn in ((self.proj[0], self.proj[1]), (self.proj[3], self.proj[4])):
-            scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
-            x = F.hardswish(F.conv2d(x, conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale,
-                                     stride=2, padding=1), inplace=True)
-        return x.permute(0, 2, 3, 1)
+    @torch.no_grad()
+    def fuse(self) -> "ConvStem":
+        """timm's reparameterisation hook (``timm.utils.reparameterize_model``): fold each BatchNorm into its
+        convolution once, for inference (the same function within float rounding). Returns ``self``; a second
+        call does nothing. On CPU the folded stem runs in ~0.6x the time: no BatchNorm passes over
+        full-resolution maps, channels-last weights make the convolutions emit the NHWC output (no copy after
+        the permute), and the activations run in place on the convolutions' fresh outputs (at 800x1333 a second
+        51 MB map per layer would be fresh pages to fault in)."""
+        if isinstance(self.proj[1], nn.BatchNorm2d):
+            layers: List[nn.Module] = []
+            for conv, bn in ((self.proj[0], self.proj[1]), (self.proj[3], self.proj[4])):
+                folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                   device="meta")  # parameters assigned below: no init, no random draw
+                folded.weight, folded.bias = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+                layers += [folded, nn.Hardswish(inplace=True)]
+            self.proj = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        return self
 
 
 class PaddedPatchEmbed(PatchEmbed):
@@ -182,7 +194,7 @@ def _check_stem_input(x: torch.Tensor, img_size: Tuple[int, int]) -> None:
         )
 
 
-class _ExportableWindowAttention(WindowAttention):
+class ExportableWindowAttention(WindowAttention):
     """timm's window attention, whose fused path gives way to its explicit-softmax path under ``torch.export``.
 
     Why: the ONNX exporter decomposes SDPA-with-a-bias differently from how it was traced, and the reshape after
@@ -199,15 +211,39 @@ class _ExportableWindowAttention(WindowAttention):
         self._fused_attn = value
 
 
-def _exportable_window_attention(model: nn.Module, fused: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, WindowAttention):
-            module.__dict__.pop("fused_attn", None)  # timm's instance attribute; the property replaces it
-            module.__class__ = _ExportableWindowAttention
-            module.fused_attn = fused
+class SwinBlock(SwinTransformerBlock):
+    """timm's Swin block with :class:`ExportableWindowAttention`; ``fused_attn`` picks its SDPA path."""
+
+    def __init__(self, dim: int, input_resolution: Union[int, Tuple[int, int]], num_heads: int = 4,
+                 head_dim: Optional[int] = None, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 fused_attn: bool = True, device: Any = None, dtype: Any = None, **kwargs: Any) -> None:
+        super().__init__(dim, input_resolution, num_heads=num_heads, head_dim=head_dim, qkv_bias=qkv_bias,
+                         attn_drop=attn_drop, proj_drop=proj_drop, device=device, dtype=dtype, **kwargs)
+        self.attn = ExportableWindowAttention(dim, num_heads, head_dim, self.window_size, qkv_bias, attn_drop,
+                                              proj_drop, device=device, dtype=dtype)
+        self.attn.fused_attn = fused_attn
+
+    @classmethod
+    def from_block(cls, block: SwinTransformerBlock, **kwargs: Any) -> "SwinBlock":
+        """``block`` (built by timm's Swin) as this class: constructed on the meta device (no init, no random
+        draw) with ``block``'s arguments, then given its parameters and buffers (the same tensors)."""
+        attn = block.attn
+        new = cls(
+            block.dim, block.input_resolution, num_heads=attn.num_heads,
+            head_dim=attn.qkv.out_features // 3 // attn.num_heads, window_size=block.window_size,
+            shift_size=block.target_shift_size, always_partition=block.always_partition,
+            dynamic_mask=block.dynamic_mask, mlp_ratio=block.mlp_ratio, qkv_bias=attn.qkv.bias is not None,
+            proj_drop=attn.proj_drop.p, attn_drop=attn.attn_drop.p,
+            drop_path=getattr(block.drop_path1, "drop_prob", 0.0), act_layer=type(block.mlp.act),
+            norm_layer=partial(type(block.norm1), eps=block.norm1.eps), device="meta", **kwargs,
+        )
+        for name, tensor in (*block.named_parameters(), *block.named_buffers()):
+            module, _, attr = name.rpartition(".")
+            setattr(new.get_submodule(module), attr, tensor)
+        return new
 
 
-class PadThenShiftSwinBlock(SwinTransformerBlock):
+class PadThenShiftSwinBlock(SwinBlock):
     """timm's Swin block with mmdetection's order (that of the released detector): pad the map to whole windows,
     then shift them. timm shifts first and pads after; the two differ where the map is not whole windows."""
 
@@ -226,12 +262,6 @@ class PadThenShiftSwinBlock(SwinTransformerBlock):
         if shifted:
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
         return x[:, :H, :W, :].contiguous()
-
-
-def _pad_then_shift(model: nn.Module) -> None:
-    for module in model.modules():
-        if type(module) is SwinTransformerBlock:
-            module.__class__ = PadThenShiftSwinBlock
 
 
 class RecoverySwinStage(nn.Module):
@@ -267,11 +297,9 @@ class RecoverySwinStage(nn.Module):
 
 
 def _check_semantic_args(tokens_per_window: int, window_size: Any, semantic_stage: int, depths: Sequence[int],
-                         stem: str, layout: str) -> None:
+                         stem: str) -> None:
     if stem not in ("conv", "patch"):
         raise ValueError(f"stem must be 'conv' or 'patch', got {stem!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(window_size, int):
         raise ValueError(f"window_size must be one int for all stages, got {window_size!r}")
     try:
@@ -297,19 +325,21 @@ class RecoverySwinTransformer(SwinTransformer):
         semantic_stage: index of the stage made of dumbbell units (2 = stage 3); its depth must be a multiple
             of 6.
         stem: ``'conv'`` (released convolutional stem) or ``'patch'`` (Swin's patch embedding).
-        layout: ``'classification'`` (the released ImageNet model) or ``'detection'`` (the released detection
-            backbone: local generator and recovery layers, mmdetection's Swin blocks, a LayerNorm on each output
-            map; the same weights plus those norms).
         global_semantic_tokens: learned global tokens added to the first unit's global STGM queries (off in
-            the release; tied to ``img_size``; classification layout only).
-        neighbourhood_size: classification layout: side of the image-token neighbourhood a window's semantic
-            tokens attend to in the local STGM (default window + 3 = 10, as released).
-        detection_neighbourhoods: detection layout: sides of the neighbourhoods of generator layer 1 and 2 (image
-            tokens) and of the recovery layer (semantic tokens); released: (14, 21, 27).
+            the release; tied to ``img_size``).
+        neighbourhood_size: side of the image-token neighbourhood a window's semantic tokens attend to in the
+            local STGM (default window + 3 = 10, as released).
+        detection_neighbourhoods: taken by :class:`DetectionSwinTransformer` only (refused here).
         init_values: LayerScale init of the STViT layers (released: 1e-5).
-        semantic_token_pool: ``'max'`` (released) or ``'avg'`` (classification layout only).
+        semantic_token_pool: ``'max'`` (released) or ``'avg'``.
         fused_attn: run the Swin blocks' window attention through ``scaled_dot_product_attention``.
+
+    The registered models build this class for ``layout='classification'`` (the default) and
+    :class:`DetectionSwinTransformer` for ``layout='detection'``; ``self.layout`` says which.
     """
+
+    layout = "classification"
+    _block_cls = SwinBlock
 
     def __init__(
         self,
@@ -317,7 +347,6 @@ class RecoverySwinTransformer(SwinTransformer):
         semantic_tokens_per_window: int = 9,
         semantic_stage: int = 2,
         stem: str = "conv",
-        layout: str = "classification",
         global_semantic_tokens: bool = False,
         neighbourhood_size: Optional[int] = None,
         detection_neighbourhoods: Optional[Sequence[int]] = None,
@@ -337,12 +366,9 @@ class RecoverySwinTransformer(SwinTransformer):
         **kwargs: Any,
     ) -> None:
         img_size = to_2tuple(img_size)
-        _check_semantic_args(semantic_tokens_per_window, window_size, semantic_stage, depths, stem, layout)
-        detection = layout == "detection"
-        _check_layout_args(detection, global_semantic_tokens, neighbourhood_size, detection_neighbourhoods,
-                           semantic_token_pool)
-        if detection:  # mmdetection's Swin: 7x7 windows and shifts in every stage, whatever its size
-            kwargs.setdefault("always_partition", True)
+        _check_semantic_args(semantic_tokens_per_window, window_size, semantic_stage, depths, stem)
+        self._check_layout_args(global_semantic_tokens, neighbourhood_size, detection_neighbourhoods,
+                                semantic_token_pool)
         super().__init__(
             img_size=img_size, embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size,
             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path_rate=drop_path_rate, proj_drop_rate=proj_drop_rate,
@@ -352,8 +378,9 @@ class RecoverySwinTransformer(SwinTransformer):
         self.semantic_tokens_per_window = semantic_tokens_per_window
         self.semantic_stage = semantic_stage
         self.stem = stem
-        self.layout = layout
         self.feature_dim = -1  # timm's mark for NHWC features (channels last), as its sequencer models
+        for stage in self.layers:  # timm builds its own block class; ours, with the same tensors
+            stage.blocks = nn.Sequential(*(self._block_cls.from_block(b, fused_attn=fused_attn) for b in stage.blocks))
         old = self.layers[semantic_stage]
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)[semantic_stage]
         ln = partial(nn.LayerNorm, eps=1e-5) if norm_layer is nn.LayerNorm else norm_layer
@@ -361,23 +388,33 @@ class RecoverySwinTransformer(SwinTransformer):
                       init_values=init_values, norm_layer=ln)
         generator_args = dict(window_size=window_size, tokens_per_window=semantic_tokens_per_window,
                               grid_size=old.output_resolution, dynamic_size=self.dynamic_img_size)
-        if detection:
-            generator_args["neighbourhoods"] = tuple(detection_neighbourhoods or DETECTION_NEIGHBOURHOODS)
-        else:
-            generator_args.update(neighbourhood_size=neighbourhood_size, pool=semantic_token_pool)
-        units = [
-            _dumbbell_unit(old.blocks[i], int(embed_dim * 2 ** semantic_stage), num_heads[semantic_stage], dpr[i:i + 6],
-                           global_semantic_tokens and i == 0, generator_args, common)  # released: first unit only
-            for i in range(0, depths[semantic_stage], DUMBBELL_UNIT_DEPTH)
-        ]
+        dim, heads = int(embed_dim * 2 ** semantic_stage), num_heads[semantic_stage]
+        units = []
+        for i in range(0, depths[semantic_stage], DUMBBELL_UNIT_DEPTH):
+            generator, recovery = self._generator_and_recovery(
+                dim, heads, dpr[i:i + 6], generator_args, common,
+                global_semantic_tokens=global_semantic_tokens and i == 0,  # released: first unit only
+                neighbourhood_size=neighbourhood_size, pool=semantic_token_pool,
+                detection_neighbourhoods=detection_neighbourhoods)
+            units.append(_dumbbell_unit(old.blocks[i], generator, recovery, dim, heads, dpr[i:i + 6], common))
         self.layers[semantic_stage] = RecoverySwinStage(old.downsample, units)
-        self.feature_norms: Optional[nn.ModuleList] = None
-        if detection:
-            # the released detector normalises every output map (its norm0-norm3); the last is the final norm
-            self.feature_norms = nn.ModuleList(ln(info["num_chs"]) for info in self.feature_info)
-            self.norm = nn.Identity()
-            _pad_then_shift(self)
-        _exportable_window_attention(self, fused_attn)
+
+    @staticmethod
+    def _check_layout_args(global_semantic_tokens: bool, neighbourhood_size: Optional[int],
+                           detection_neighbourhoods: Optional[Sequence[int]], pool: str) -> None:
+        """Each layout takes its own options: the other's are refused, never ignored."""
+        if detection_neighbourhoods is not None:
+            raise ValueError("detection_neighbourhoods applies to layout='detection' only (use neighbourhood_size)")
+
+    @staticmethod
+    def _generator_and_recovery(dim: int, heads: int, dpr: Sequence[float], generator_args: Dict[str, Any],
+                                common: Dict[str, Any], global_semantic_tokens: bool, neighbourhood_size: Optional[int],
+                                pool: str, detection_neighbourhoods: Optional[Sequence[int]]) -> Tuple[nn.Module, nn.Module]:
+        """A unit's window generator (global STGM layer over the whole map) and recovery of the NHWC map."""
+        generator = WindowSemanticTokenGenerator(
+            dim, heads, depth=2, global_semantic_tokens=global_semantic_tokens, drop_path=dpr[1:3],
+            neighbourhood_size=neighbourhood_size, pool=pool, **generator_args, **common)
+        return generator, RecoveryBlock(dim, heads, input_fmt="NHWC", drop_path=dpr[5], **common)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Any:
@@ -399,7 +436,7 @@ class RecoverySwinTransformer(SwinTransformer):
             if m:
                 return (1.0, float(m.group(1)), float(m.group(2) or 0))
             m = re.match(r"^feature_norms\.(\d+)", name)
-            if m:  # with the stage whose map it normalises, after its blocks
+            if m:  # the detection layout's: with the stage whose map it normalises, after its blocks
                 return (1.0, float(m.group(1)), 99999.0)
             return (float("inf"),)
 
@@ -416,13 +453,12 @@ class RecoverySwinTransformer(SwinTransformer):
             window_size = [w[0] for w in self._ref_window_sizes]
         super().set_input_size(img_size, patch_size, window_size, window_ratio, always_partition)
 
-    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.feature_norms is not None:
-            return self.feature_norms[len(self.layers) - 1](x)
-        return self.norm(x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._final_norm(self.layers(self.patch_embed(x)))
+        return self.norm(self.layers(self.patch_embed(x)))
+
+    def _output_map(self, i: int, x: torch.Tensor, norm: bool) -> torch.Tensor:
+        """Stage ``i``'s output as ``forward_intermediates`` returns it (NHWC)."""
+        return self.norm(x) if norm and i == len(self.layers) - 1 else x
 
     def forward_intermediates(
         self,
@@ -434,13 +470,9 @@ class RecoverySwinTransformer(SwinTransformer):
         intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's Swin ``forward_intermediates``: stage maps NCHW (``output_fmt='NHWC'``: as the stages produce
-        them), final features NHWC; ``norm=True`` puts the final norm on the last stage's map. In the detection
-        layout every map goes through its own feature norm (the released backbone's outputs), so ``norm`` does
-        not apply there."""
+        them), final features NHWC; ``norm=True`` puts the final norm on the last stage's map."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if norm and self.feature_norms is not None:
-            raise ValueError("norm=True does not apply to the detection layout: every map has its feature norm")
         taken, max_index = take_indices(len(self.layers), indices)
         last = len(self.layers) - 1
         x = self.patch_embed(x)
@@ -448,28 +480,42 @@ class RecoverySwinTransformer(SwinTransformer):
         for i, stage in enumerate(self.layers[:max_index + 1] if stop_early else self.layers):
             x = stage(x)
             if i in taken:
-                if self.feature_norms is not None:
-                    y = self.feature_norms[i](x)
-                else:
-                    y = self.norm(x) if norm and i == last else x
+                y = self._output_map(i, x, norm)
                 maps.append(y if output_fmt == "NHWC" else y.permute(0, 3, 1, 2).contiguous())
         if intermediates_only:
             return maps
         return (self._final_norm(x) if i == last else x), maps
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """timm's, plus the feature norms of the stages that go."""
-        taken = super().prune_intermediate_layers(indices, prune_norm, prune_head)
-        if self.feature_norms is not None:
-            self.feature_norms = self.feature_norms[:len(self.layers)]
-        return taken
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map -> ``forward_features``' output (the final norm)."""
+        return self.norm(x)
 
 
-def _check_layout_args(detection: bool, global_semantic_tokens: bool, neighbourhood_size: Optional[int],
-                       detection_neighbourhoods: Optional[Sequence[int]], pool: str) -> None:
-    """Each layout takes its own options: the other's are refused, never ignored."""
-    if detection:
+class DetectionSwinTransformer(RecoverySwinTransformer):
+    """STViT-R-Swin in the layout of the released *detection* backbone (``layout='detection'``).
+
+    The classification model's parameters plus a LayerNorm on each output map (``feature_norms``, the release's
+    ``norm0``-``norm3``; the last is the final norm): both generator layers and the recovery layer attend over
+    local neighbourhoods (:mod:`stvit_core.layers.local`), every Swin block pads its map to whole windows before
+    shifting them and always shifts (mmdetection's Swin, 7x7 windows and shifts in every stage whatever its
+    size). ``detection_neighbourhoods``: sides of the neighbourhoods of generator layers 1 and 2 (image tokens)
+    and of the recovery layer (semantic tokens); released: (14, 21, 27). Global semantic tokens,
+    ``neighbourhood_size`` and average pooling are refused (the release has none of them).
+    """
+
+    layout = "detection"
+    _block_cls = PadThenShiftSwinBlock
+
+    def __init__(self, *args: Any, norm_layer: Any = nn.LayerNorm, **kwargs: Any) -> None:
+        kwargs.setdefault("always_partition", True)
+        super().__init__(*args, norm_layer=norm_layer, **kwargs)
+        ln = partial(nn.LayerNorm, eps=1e-5) if norm_layer is nn.LayerNorm else norm_layer
+        self.feature_norms = nn.ModuleList(ln(info["num_chs"]) for info in self.feature_info)
+        self.norm = nn.Identity()
+
+    @staticmethod
+    def _check_layout_args(global_semantic_tokens: bool, neighbourhood_size: Optional[int],
+                           detection_neighbourhoods: Optional[Sequence[int]], pool: str) -> None:
         refused = [name for name, bad in (("global_semantic_tokens", global_semantic_tokens),
                                           ("neighbourhood_size", neighbourhood_size is not None),
                                           ("semantic_token_pool='avg'", pool != "max")) if bad]
@@ -479,26 +525,65 @@ def _check_layout_args(detection: bool, global_semantic_tokens: bool, neighbourh
         if detection_neighbourhoods is not None and len(tuple(detection_neighbourhoods)) != 3:
             raise ValueError("detection_neighbourhoods takes three sides (generator layers 1 and 2, recovery), "
                              f"got {detection_neighbourhoods!r}")
-    elif detection_neighbourhoods is not None:
-        raise ValueError("detection_neighbourhoods applies to layout='detection' only (use neighbourhood_size)")
 
-
-def _dumbbell_unit(image_block: nn.Module, dim: int, heads: int, dpr: Sequence[float], global_semantic_tokens: bool,
-                   generator_args: Dict[str, Any], common: Dict[str, Any]) -> DumbbellUnit:
-    """One unit of the semantic stage: timm's (unshifted) Swin block, the window generator, local and global
-    semantic attention, recovery of the NHWC map; the new layers initialised as timm's ViT. With
-    ``generator_args['neighbourhoods']``, the detection layout's local generator and recovery."""
-    args = dict(generator_args)
-    neighbourhoods = args.pop("neighbourhoods", None)
-    if neighbourhoods is None:
-        generator = WindowSemanticTokenGenerator(
-            dim, heads, depth=2, global_semantic_tokens=global_semantic_tokens, drop_path=dpr[1:3], **args, **common)
-        recovery = RecoveryBlock(dim, heads, input_fmt="NHWC", drop_path=dpr[5], **common)
-    else:
-        generator = LocalSemanticTokenGenerator(dim, heads, neighbourhood_sizes=neighbourhoods[:2], drop_path=dpr[1:3],
-                                                **args, **common)
-        recovery = LocalRecoveryBlock(dim, heads, neighbourhood_size=neighbourhoods[2], drop_path=dpr[5], **args,
+    @staticmethod
+    def _generator_and_recovery(dim: int, heads: int, dpr: Sequence[float], generator_args: Dict[str, Any],
+                                common: Dict[str, Any], global_semantic_tokens: bool, neighbourhood_size: Optional[int],
+                                pool: str, detection_neighbourhoods: Optional[Sequence[int]]) -> Tuple[nn.Module, nn.Module]:
+        """The local generator and recovery, with the release's padding masks."""
+        sides = tuple(detection_neighbourhoods or DETECTION_NEIGHBOURHOODS)
+        generator = LocalSemanticTokenGenerator(dim, heads, neighbourhood_sizes=sides[:2], drop_path=dpr[1:3],
+                                                **generator_args, **common)
+        recovery = LocalRecoveryBlock(dim, heads, neighbourhood_size=sides[2], drop_path=dpr[5], **generator_args,
                                       **common)
+        return generator, recovery
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._final_norm(self.layers(self.patch_embed(x)))
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feature_norms[len(self.layers) - 1](x)
+
+    def _output_map(self, i: int, x: torch.Tensor, norm: bool) -> torch.Tensor:
+        return self.feature_norms[i](x)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """As the classification layout's, but every map goes through its own feature norm (the released
+        backbone's outputs), so ``norm`` does not apply."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        if norm:
+            raise ValueError("norm=True does not apply to the detection layout: every map has its feature norm")
+        return super().forward_intermediates(x, indices, False, stop_early, output_fmt, intermediates_only)
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """timm's, plus the feature norms of the stages that go."""
+        taken = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        self.feature_norms = self.feature_norms[:len(self.layers)]
+        return taken
+
+
+#: the registered models' ``layout`` argument: the class each layout builds
+LAYOUTS = {"classification": RecoverySwinTransformer, "detection": DetectionSwinTransformer}
+
+#: What the released STViT-R .pth files pickle besides tensors, for ``torch.serialization.safe_globals``: their
+#: training config, a yacs ``CfgNode`` (a dict subclass, read as a plain ``OrderedDict``, never executed), and sets.
+RELEASE_PICKLE_GLOBALS = [(OrderedDict, "yacs.config.CfgNode"), set]
+
+
+def _dumbbell_unit(image_block: nn.Module, generator: nn.Module, recovery: nn.Module, dim: int, heads: int,
+                   dpr: Sequence[float], common: Dict[str, Any]) -> DumbbellUnit:
+    """One unit of the semantic stage: the (unshifted) Swin block, the generator, local and global semantic
+    attention, the recovery; the new layers initialised as timm's ViT."""
     semantic_blocks = nn.Sequential(
         GroupedSelfAttentionBlock(dim, heads, group_size=generator.tokens_per_window, drop_path=dpr[3], **common),
         CrossAttentionBlock(dim, heads, drop_path=dpr[4], **common),
@@ -618,7 +703,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwi
     state_dict = detection_backbone_state_dict(clean_state_dict(state_dict))  # DDP / torch.compile prefixes
     if not is_swin_state_dict(state_dict):
         raise ValueError("not a Swin checkpoint (no 'layers.N.blocks' weights)")
-    if model.feature_norms is None and any(k.startswith("feature_norms.") for k in state_dict):
+    if not isinstance(model, DetectionSwinTransformer) and any(k.startswith("feature_norms.") for k in state_dict):
         raise ValueError("a detection backbone (output norms norm0-norm3) loads into layout='detection' only")
     if any(re.match(r"layers\.\d+\.units\.", k) for k in state_dict):
         return _other_layout(state_dict, model)
@@ -641,7 +726,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RecoverySwi
 def _other_layout(state_dict: Dict[str, torch.Tensor], model: RecoverySwinTransformer) -> Dict[str, torch.Tensor]:
     """Our own format, for either layout: the classification model's final norm has no place in the detection
     layout (whose feature norms start at identity, as the released detector's did from the ImageNet weights)."""
-    if model.feature_norms is None:
+    if not isinstance(model, DetectionSwinTransformer):
         return state_dict
     out = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
     for k, v in model.state_dict().items():
@@ -675,14 +760,15 @@ def _feature_cfg(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _create_stvit_r_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> RecoverySwinTransformer:
-    from ..checkpoint import _CONFIG_STANDINS
-
     feature_cfg = _feature_cfg(kwargs)
-    # the released .pth files pickle their training config (a yacs CfgNode) next to the weights: timm's
-    # weights-only loader reads it as a plain mapping, nothing else is allowed
-    with torch.serialization.safe_globals(_CONFIG_STANDINS):
+    layout = kwargs.pop("layout", "classification")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {layout!r}")
+    # the released .pth files pickle their training config next to the weights: timm's weights-only loader
+    # reads it through RELEASE_PICKLE_GLOBALS, nothing else is allowed
+    with torch.serialization.safe_globals(RELEASE_PICKLE_GLOBALS):
         return build_model_with_cfg(
-            RecoverySwinTransformer,
+            LAYOUTS[layout],
             variant,
             pretrained,
             pretrained_filter_fn=checkpoint_filter_fn,
