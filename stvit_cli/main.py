@@ -76,6 +76,7 @@ class StvitGroup(RecordingGroup):
 
     def main(self, args: Optional[Sequence[str]] = None, prog_name: Optional[str] = None,
              complete_var: Optional[str] = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        _quiet_libraries()
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         empty = _first_empty_argument(sys.argv[1:] if args is None else list(args))
@@ -194,7 +195,6 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    _quiet_libraries()
     cli(prog_name="stvit")
 
 
