@@ -42,7 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -58,7 +58,7 @@ HEAVY_MODULES = ["__main__", "torch", "timm", "stvit_core"]
 @dataclass(frozen=True)
 class Pair:
     name: str
-    kind: str  # 'inference' | 'train' | 'latency' | 'onnx'
+    kind: str  # 'inference' | 'train' | 'latency' | 'onnx' | 'finetune' | 'parity'
     stvit: str
     base: str
     target: Optional[float]  # the goal: speedup (base time / STViT time)
@@ -68,6 +68,7 @@ class Pair:
     label: str
     compile_mode: Optional[str] = None  # inductor mode; None: 'reduce-overhead' for latency, else the default
     base_patch_projection: bool = False  # base with STViT's GEMM patch embedding: the semantic tokens' own share
+    training: bool = False  # run with --training (or --only): whole training runs, minutes each
 
 
 DEIT_S, STVIT_DEIT_S = "deit_small_patch16_224", "stvit_deit_small_patch16_224"
@@ -99,8 +100,14 @@ PAIRS: List[Pair] = [
          "batch-1 latency, torch.compile reduce-overhead (CUDA graphs)"),
     Pair("onnx_deit_s", "onnx", STVIT_DEIT_S, DEIT_S, None, "none (reported)", False, 60,
          "ONNX Runtime CUDA EP (fp32), STViT-DeiT-S(16) vs DeiT-S"),
+    Pair("finetune_deit_s", "finetune", STVIT_DEIT_S, DEIT_S, 1.8, ">= 1.8x", False, 150,
+         "stvit finetune epoch over JPEG files (loader) and from memory, STViT-DeiT-S(16) vs DeiT-S", training=True),
+    Pair("parity_fmnist", "parity", "stvit_deit_tiny_patch16_224", "deit_tiny_patch16_224", None,
+         "within 0.5 points", False, 330, "Fashion-MNIST top-1 from scratch, STViT-DeiT-Tiny(16) vs DeiT-Tiny layout",
+         training=True),
 ]
 PAIR_NAMES = [p.name for p in PAIRS]
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 
 # --quick: the same code paths on tiny widths and sizes, so the whole suite runs on a CPU in well under a minute
 # (half depth: torch.compile's tracing time grows with the blocks; STViT keeps image / generator / semantic parts)
@@ -125,6 +132,11 @@ class Settings:
     quick: bool
     profile: Optional[str]  # None | 'misses' | 'all'
     profile_steps: int
+    finetune_images: int  # JPEG training images written for finetune_deit_s
+    workers: int  # data loader workers of the training pairs
+    parity_epochs: int
+    parity_seeds: int
+    fashion_mnist: Optional[str]  # IDX folder of the full set; None (--quick): the embedded subset
 
 
 class SuiteError(Exception):
@@ -159,8 +171,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=420.0,
                    help="seconds for the whole suite; pairs that would start past it are skipped (default: 420)")
     p.add_argument("--pair-timeout", type=float, default=240.0, help="seconds one pair may take (default: 240)")
+    p.add_argument("--training", action="store_true",
+                   help="also run the training pairs (finetune_deit_s, parity_fmnist): minutes each")
+    p.add_argument("--finetune-images", type=int, default=None,
+                   help="224 px JPEGs written for finetune_deit_s (default: 20000; quick 24)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers of the training pairs (default: 8)")
+    p.add_argument("--parity-epochs", type=int, default=None, help="epochs of each parity_fmnist run (default: 10)")
+    p.add_argument("--fashion-mnist", default=FASHION_MNIST,
+                   help=f"folder of the Fashion-MNIST IDX .gz files (default: {FASHION_MNIST})")
     args = p.parse_args(argv)
-    for name in ("batch_size", "rounds"):
+    for name in ("batch_size", "rounds", "finetune_images", "parity_epochs"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -200,6 +220,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         quick=quick,
         profile=args.profile,
         profile_steps=1 if quick else 5,
+        finetune_images=pick(args.finetune_images, 20000, 24),
+        workers=pick(args.workers, 8, 0),
+        parity_epochs=pick(args.parity_epochs, 10, 1),
+        parity_seeds=2 if quick else 3,
+        fashion_mnist=None if quick else args.fashion_mnist,
     )
 
 
@@ -450,6 +475,150 @@ def _measure_onnx(pair: Pair, settings: Settings, device: Any) -> Dict[str, Any]
             "speedup": round(ratio, 3)}
 
 
+def _embedded_images(split: str) -> List[Path]:
+    """The embedded Fashion-MNIST images of ``split``, the classes taking turns (any prefix holds every class)."""
+    from stvit_core.data import embedded_dataset_path
+
+    classes = [sorted(d.glob("*.png")) for d in sorted((embedded_dataset_path() / split).iterdir()) if d.is_dir()]
+    return [images[i] for i in range(max(map(len, classes))) for images in classes if i < len(images)]
+
+
+def _write_jpeg_folder(folder: Path, count: int, val_count: int, size: int) -> None:
+    """An ImageFolder of ``count`` training and ``val_count`` validation JPEGs at ``size`` px: the embedded
+    Fashion-MNIST images in turn (as RGB, upscaled), each written as its own file, as a user's data would be."""
+    from PIL import Image
+
+    for split, n in (("train", count), ("val", val_count)):
+        sources = _embedded_images(split)
+        for i in range(n):
+            source = sources[i % len(sources)]
+            target = folder / split / source.parent.name / f"{i:06d}.jpg"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(source) as image:
+                image.convert("RGB").resize((size, size), Image.BICUBIC).save(target, quality=90)
+
+
+def _train_run(model: Any, data: Path, output: Path, settings: Settings, **overrides: Any) -> List[Dict[str, Any]]:
+    """``model`` trained as ``stvit finetune`` trains it (stvit_core.train); the row of every epoch."""
+    from stvit_core.train import resolve_config, train
+
+    cfg = resolve_config(overrides=dict(
+        data=str(data), output=str(output), workers=settings.workers, device=settings.device, quiet=True,
+        amp=None if settings.dtype == "fp32" else settings.dtype, **overrides))
+    rows: List[Dict[str, Any]] = []
+    train(cfg, model, force=True, on_epoch_end=rows.append)
+    return rows
+
+
+def _measure_finetune(pair: Pair, settings: Settings, device: Any) -> Dict[str, Any]:
+    """Two epochs of fine-tuning over JPEG files through the command's data loader (the second is timed: the
+    first pays cuDNN's autotuning and the workers' start), then the same training step fed from memory."""
+    import timm
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix="stvit-finetune-"))
+    start = time.perf_counter()
+    _write_jpeg_folder(workdir / "data", settings.finetune_images, max(10, settings.finetune_images // 20),
+                       settings.deit_img_size)
+    write_s = time.perf_counter() - start
+    models: Dict[str, Dict[str, Any]] = {}
+    for role, name in (("stvit", pair.stvit), ("base", pair.base)):
+        kwargs = {**_model_kwargs(pair, name, settings), "num_classes": 10}
+        torch.manual_seed(0)
+        rows = _train_run(timm.create_model(name, **kwargs), workdir / "data", workdir / role, settings, epochs=2,
+                          batch_size=settings.batch_size, warmup_epochs=0)
+        last = rows[-1]
+        models[role] = {"model": name, "model_kwargs": _jsonable(kwargs), "epoch_s": round(last["epoch_seconds"], 3),
+                        "img_per_s": round(last["train_img_per_sec"], 2),
+                        "first_epoch_s": round(rows[0]["epoch_seconds"], 3)}
+    memory = _measure_throughput(replace(pair, kind="train"), settings, device)
+    memory.pop("_steps")
+    for role in models:
+        models[role]["from_memory_img_per_s"] = memory["models"][role]["img_per_s"]
+        models[role]["peak_memory_mb"] = memory["models"][role]["peak_memory_mb"]
+        models[role]["loader_share"] = round(1 - models[role]["img_per_s"] / models[role]["from_memory_img_per_s"], 3)
+    return {"metric": "img/s", "batch_size": settings.batch_size, "models": models,
+            "speedup": round(models["stvit"]["img_per_s"] / models["base"]["img_per_s"], 3),
+            "from_memory_speedup": memory["speedup"], "images": settings.finetune_images,
+            "workers": settings.workers, "write_jpegs_s": round(write_s, 1)}
+
+
+def _fashion_mnist_folder(source: Optional[str], folder: Path) -> Path:
+    """The full Fashion-MNIST (60,000 train / 10,000 test) as an ImageFolder of PNGs under ``folder``, from the
+    IDX files of Debian's dataset-fashion-mnist; ``None`` (--quick): 40 / 20 images of the embedded subset."""
+    import importlib.util
+    import shutil
+
+    from PIL import Image
+
+    if source is None:
+        for split, count in (("train", 40), ("val", 20)):
+            for image in _embedded_images(split)[:count]:
+                (folder / split / image.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(image, folder / split / image.parent.name / image.name)
+        return folder
+    spec = importlib.util.spec_from_file_location("make_fashion_mnist_subset",
+                                                  REPO_ROOT / "benchmarks" / "make_fashion_mnist_subset.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = builder.read_idx(Path(source) / f"{prefix}-images-idx3-ubyte.gz")
+        labels = builder.read_idx(Path(source) / f"{prefix}-labels-idx1-ubyte.gz")
+        for name in builder.CLASS_NAMES:
+            (folder / split / name).mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(folder / split / builder.CLASS_NAMES[label] / f"{split}_{i:05d}.png")
+    return folder
+
+
+def _parity_skip_reason(settings: Settings) -> Optional[str]:
+    if settings.fashion_mnist is None:
+        return None
+    missing = [n for n in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz")
+               if not (Path(settings.fashion_mnist) / n).is_file()]
+    if missing:
+        return (f"--fashion-mnist {settings.fashion_mnist} has no {missing[0]} (apt-get install dataset-fashion-mnist, "
+                "or pass the folder of its .gz files)")
+    return None
+
+
+PARITY_MODEL = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3, "num_classes": 10}
+PARITY_RECIPE = {"lr": 1e-3, "warmup_epochs": 2, "min_lr": 1e-5, "weight_decay": 0.05, "clip_grad": 5.0,
+                 "smoothing": 0.1, "scale_min": 0.8, "drop_path": 0.0, "batch_size": 128}
+
+
+def _measure_parity(pair: Pair, settings: Settings, device: Any) -> Dict[str, Any]:
+    """DeiT-Tiny's layout and STViT-DeiT-Tiny (16 tokens) trained from scratch on Fashion-MNIST (32 px, patch 4:
+    64 image tokens), the same recipe (benchmarks/fashion_mnist_recipe.py's, on the full set) for every seed."""
+    import timm
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix="stvit-parity-"))
+    start = time.perf_counter()
+    data = _fashion_mnist_folder(settings.fashion_mnist, workdir / "data")
+    write_s = time.perf_counter() - start
+    model_kwargs = dict(PARITY_MODEL, **({"embed_dim": 8, "num_heads": 1} if settings.quick else {}))
+    recipe = dict(PARITY_RECIPE, epochs=settings.parity_epochs, **({"batch_size": 8} if settings.quick else {}))
+    models: Dict[str, Dict[str, Any]] = {}
+    for role, name in (("stvit", pair.stvit), ("base", pair.base)):
+        kwargs = dict(model_kwargs, **({"num_semantic_tokens": 16} if role == "stvit" else {}))
+        top1, seconds = [], []
+        for seed in range(settings.parity_seeds):
+            torch.manual_seed(seed)
+            rows = _train_run(timm.create_model(name, **kwargs), data, workdir / f"{role}_{seed}", settings,
+                              seed=seed, **recipe)
+            top1.append(round(rows[-1]["top1"], 2))
+            seconds.append(round(sum(r["epoch_seconds"] for r in rows), 1))
+        models[role] = {"model": name, "model_kwargs": _jsonable(kwargs), "top1_seeds": top1,
+                        "top1_mean": round(statistics.fmean(top1), 2),
+                        "top1_std": round(statistics.stdev(top1), 2) if len(top1) > 1 else None,
+                        "train_s_seeds": seconds, "peak_memory_mb": None}
+    gap = models["stvit"]["top1_mean"] - models["base"]["top1_mean"]
+    return {"metric": "top1", "batch_size": recipe["batch_size"], "models": models, "top1_gap": round(gap, 2),
+            "within_0_5": gap >= -0.5, "recipe": recipe, "seeds": settings.parity_seeds,
+            "train_images": sum(1 for _ in (Path(data) / "train").glob("*/*")), "write_images_s": round(write_s, 1)}
+
+
 def _profile_tables(steps: Dict[str, Callable[[], Any]], settings: Settings, device: Any) -> Dict[str, str]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -486,6 +655,13 @@ def run_pair(pair: Pair, settings: Settings) -> Dict[str, Any]:
         result = _measure_onnx(pair, settings, device)
     elif pair.kind == "latency":
         result = _measure_latency(pair, settings, device)
+    elif pair.kind == "finetune":
+        result = _measure_finetune(pair, settings, device)
+    elif pair.kind == "parity":
+        reason = _parity_skip_reason(settings)
+        if reason:
+            return {"status": "skipped", "reason": reason}
+        result = _measure_parity(pair, settings, device)
     else:
         result = _measure_throughput(pair, settings, device)
     steps = result.pop("_steps", {})
@@ -494,7 +670,8 @@ def run_pair(pair: Pair, settings: Settings) -> Dict[str, Any]:
         result["compile"] = {"backend": settings.compile_backend,
                              "mode": (_compile_mode(pair, settings) or "default") if inductor else None}
     result["status"] = "ok"
-    result["met"] = None if pair.target is None else bool(result["speedup"] >= pair.target)
+    result["met"] = (result["within_0_5"] if pair.kind == "parity" else
+                     None if pair.target is None else bool(result["speedup"] >= pair.target))
     if settings.profile == "all" or (settings.profile == "misses" and result["met"] is False):
         result["profile"] = _profile_tables(steps, settings, device)
     return result
@@ -555,7 +732,20 @@ def _fmt_model(pair_result: Dict[str, Any], role: str) -> str:
     m = pair_result["models"][role]
     if pair_result["metric"] == "latency":
         return f"{m['p50_ms']:.3g} / {m['p95_ms']:.3g} ms"
+    if pair_result["metric"] == "top1":
+        std = "" if m["top1_std"] is None else f" ± {m['top1_std']:.2f}"
+        return f"{m['top1_mean']:.2f}{std} % top-1 ({len(m['top1_seeds'])} seeds)"
+    if "from_memory_img_per_s" in m:
+        return f"{m['img_per_s']:.4g} img/s (from memory {m['from_memory_img_per_s']:.4g})"
     return f"{m['img_per_s']:.4g} img/s"
+
+
+def _fmt_ratio(pair_result: Dict[str, Any]) -> str:
+    if pair_result["metric"] == "top1":
+        return f"{pair_result['top1_gap']:+.2f} points"
+    if "from_memory_speedup" in pair_result:
+        return f"{pair_result['speedup']:.2f}x (from memory {pair_result['from_memory_speedup']:.2f}x)"
+    return f"{pair_result['speedup']:.2f}x"
 
 
 def _fmt_memory(pair_result: Dict[str, Any]) -> str:
@@ -584,11 +774,12 @@ def markdown_table(report: Dict[str, Any]) -> str:
         if pair.name not in report["pairs"]:
             continue
         r = report["pairs"][pair.name]
-        measure = "p50 / p95 latency" if pair.kind == "latency" else "throughput"
+        measure = {"latency": "p50 / p95 latency", "parity": "accuracy", "finetune": "epoch throughput"}.get(
+            pair.kind, "throughput")
         if r["status"] == "ok":
             met = "n/a" if r["met"] is None else ("met" if r["met"] else "**missed**")
             lines.append(f"| {pair.label} | {measure} | {r['batch_size']} | {_fmt_model(r, 'stvit')} | "
-                         f"{_fmt_model(r, 'base')} | {r['speedup']:.2f}x | {pair.target_text} | {met} | "
+                         f"{_fmt_model(r, 'base')} | {_fmt_ratio(r)} | {pair.target_text} | {met} | "
                          f"{_fmt_memory(r)} |")
         else:
             why = r.get("error") or r.get("reason", "")
@@ -603,7 +794,7 @@ def profile_markdown(report: Dict[str, Any]) -> Optional[str]:
     for name, r in report["pairs"].items():
         for role, table in (r.get("profile") or {}).items():
             model = r["models"][role]["model"]
-            parts.append(f"## {name}: {role} ({model}), speedup {r['speedup']:.2f}x\n\n```\n{table}\n```\n")
+            parts.append(f"## {name}: {role} ({model}), {_fmt_ratio(r)}\n\n```\n{table}\n```\n")
     return "\n".join(parts) if parts else None
 
 
@@ -630,7 +821,8 @@ def _check_output_dir(path: Path) -> None:
 
 
 def plan(args: argparse.Namespace, settings: Settings) -> List[Pair]:
-    selected = [p for p in PAIRS if args.only is None or p.name in args.only]
+    selected = [p for p in PAIRS if p.name in args.only] if args.only is not None else \
+        [p for p in PAIRS if args.training or not p.training]
     total = sum(p.estimate_s for p in selected)
     print(f"gpu_suite: {len(selected)} pair(s); estimated {total:.0f} s on one H200 at the default settings "
           f"(budget {args.time_budget:.0f} s)", flush=True)
@@ -682,7 +874,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"  warning: {remaining:.0f} s left, {pair.name} is estimated at {pair.estimate_s:.0f} s",
                       flush=True)
             pair_start = time.perf_counter()
-            result = _run_in_process(ctx, "pair", pair.name, settings, min(args.pair_timeout, remaining))
+            # a training pair is whole training runs: it may take twice its estimate whatever --pair-timeout says
+            limit = max(args.pair_timeout, 2 * pair.estimate_s) if pair.training else args.pair_timeout
+            result = _run_in_process(ctx, "pair", pair.name, settings, min(limit, remaining))
             result["elapsed_s"] = round(time.perf_counter() - pair_start, 2)
         report["pairs"][pair.name] = {"label": pair.label, "stvit": pair.stvit, "base": pair.base,
                                       "target": pair.target, "target_text": pair.target_text, **result}
@@ -703,7 +897,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _summary(result: Dict[str, Any]) -> str:
     if result["status"] == "ok":
         met = "" if result["met"] is None else (" met" if result["met"] else " MISSED")
-        return f"{result['speedup']:.2f}x{met}"
+        return f"{_fmt_ratio(result)}{met}"
     return f"{result['status']}: {result.get('error') or result.get('reason')}"
 
 
