@@ -382,32 +382,3 @@ def test_backbone_parts_script_times_every_part_of_the_unit():
                  "recovery", "**stage 3**"):
         assert re.search(r"\| [\d.]+ \| \d+\.\d{3} \| [\d.]+ \| \d+\.\d{3} \| \d+\.\d\dx \| \d+\.\d\dx \|$", rows[part])
     assert proc.stdout.count(", whole ") == 4  # per-stage times of every backbone
-
-
-@pytest.mark.slow
-def test_backbone_faults_script_counts_page_faults_per_stage():
-    """``swin_backbone_speed.py faults`` (docs/dense-tasks.md's page-fault table): one line per backbone with the
-    faults and seconds of a forward, and of its stem and four stages."""
-    proc = _run_speed_script("faults", "--size", "61", "93", "--batch-size", "1", "--rounds", "1")
-    lines = [line for line in proc.stdout.splitlines() if "page faults" in line]
-    assert [line.split(":")[0] for line in lines] == ["timm Swin-S (SDPA)", "STViT-R-Swin-S (conv stem)",
-                                                     "STViT-R-Swin-S (patch stem)", "STViT-R-Swin-S (detection layout)"]
-    part = r"\d+ / \d+\.\d\d s"
-    pattern = (rf": \d+ page faults, \d+\.\d\d s per forward; stem {part}, stage 1 {part}, stage 2 {part}, "
-               rf"stage 3 {part}, stage 4 {part}$")
-    assert all(re.search(pattern, line) for line in lines), lines
-
-
-@pytest.mark.slow
-def test_backbone_pieces_script_compares_the_detection_layouts_gathers():
-    """``swin_backbone_speed.py pieces`` (docs/dense-tasks.md's gathers-in-pieces figures): timm's Swin-S and the
-    detection layout with one gather per layer and in pieces, speedups, FLOPs ratios (equal: same model) and the
-    page faults of a forward."""
-    proc = _run_speed_script("pieces", "--size", "61", "93", "--batch-size", "1", "--rounds", "1", "--warmup", "0",
-                             "--cpu-time")
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| timm") or line.startswith("| STViT")]
-    assert [r.split(" | ")[0] for r in rows] == ["| timm Swin-S (SDPA)",
-                                                 "| STViT-R-Swin-S (detection layout), one gather per layer",
-                                                 "| STViT-R-Swin-S (detection layout), gathers in pieces"]
-    assert all(re.search(r"\| \d+\.\d\dx \| \d+\.\d\dx \| \d+ \|$", r) for r in rows), rows
-    assert rows[1].split(" | ")[1] == rows[2].split(" | ")[1]  # the same GMACs: only the gathers differ
