@@ -25,6 +25,7 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 from timm.models import load_state_dict, save_for_hf
 
+from .data import label_names_problem, preprocessing_problem
 from .errors import CheckpointError, DownloadError, StvitError, first_line
 from .files import atomic_directory
 from .hub_access import require_hub_files, split_repo_spec
@@ -88,7 +89,60 @@ def read_config(model_dir: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict) or "architecture" not in cfg:
         raise CheckpointError(f"{cfg_path} has no 'architecture' field; not a timm model config")
+    check_config(cfg, str(cfg_path))
     return cfg
+
+
+def check_config(cfg: Mapping[str, Any], where: str) -> None:
+    """Raise one line naming ``where`` (the file) and the field when a config.json field has a wrong type or value.
+
+    Checked once where the file is read, so that no command meets a wrong field later as a traceback (timm's
+    loader, the transforms, the class names of predictions...). Only the fields stvit and timm read are checked.
+    """
+    problem = _config_problem(cfg)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+
+
+def _config_problem(cfg: Mapping[str, Any]) -> Optional[str]:
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(cfg.get("architecture"), str) or not cfg["architecture"]:
+        return f"architecture is {cfg.get('architecture')!r}, not a model name"
+    for key in ("num_classes", "num_features"):
+        if key in cfg and not count(cfg[key]):
+            return f"{key} is {cfg[key]!r}, not a whole number"
+    model_args = cfg.get("model_args", {})
+    if not isinstance(model_args, dict):
+        return f"model_args is {type(model_args).__name__}, not a mapping of constructor arguments"
+    in_chans = model_args.get("in_chans")
+    if in_chans is not None and not (count(in_chans) and in_chans > 0):
+        return f"model_args.in_chans is {in_chans!r}, not a positive whole number"
+    # timm reads a config without pretrained_cfg (its older layout) as one flat pretrained_cfg
+    pretrained_cfg, prefix = (cfg.get("pretrained_cfg"), "pretrained_cfg.") if "pretrained_cfg" in cfg else (cfg, "")
+    if not isinstance(pretrained_cfg, dict):
+        return f"pretrained_cfg is {type(pretrained_cfg).__name__}, not a mapping"
+    if "num_classes" in pretrained_cfg and not count(pretrained_cfg["num_classes"]):
+        return f"{prefix}num_classes is {pretrained_cfg['num_classes']!r}, not a whole number"
+    problem = preprocessing_problem(pretrained_cfg, channels=in_chans, prefix=prefix)
+    if problem:
+        return problem
+    num_classes = next((c[k] for c, k in ((cfg, "num_classes"), (pretrained_cfg, "num_classes"),
+                                          (model_args, "num_classes")) if c.get(k) is not None), None)
+    num_classes = num_classes if count(num_classes) else None
+    for holder, field in ((cfg, "label_names"), (pretrained_cfg, f"{prefix}label_names")):
+        if holder.get("label_names") is not None:  # timm moves a top-level label_names into pretrained_cfg
+            problem = label_names_problem(holder["label_names"], num_classes, field=field)
+            if problem:
+                return problem
+    record = cfg.get("stvit", {})
+    if not isinstance(record, dict):
+        return f"stvit is {type(record).__name__}, not a mapping"
+    source = record.get("source_model")
+    if source is not None and not (isinstance(source, str) and source):
+        return f"stvit.source_model is {source!r}, not a model name"
+    return None
 
 
 def names_a_path(spec: Union[str, PathLike]) -> bool:
@@ -126,9 +180,14 @@ def read_saved_config(spec: Union[str, PathLike]) -> Dict[str, Any]:
         return read_config(spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec)
     repo_id, revision = split_repo_spec(spec)
     try:  # a cache hit once the model has been loaded
-        return json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision)).read_text())
+        cfg = json.loads(Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision)).read_text())
     except Exception as e:
         raise DownloadError(f"cannot read the config of {spec}: {first_line(e)}") from None
+    where = f"{spec} {CONFIG_NAME}"
+    if not isinstance(cfg, dict) or "architecture" not in cfg:
+        raise CheckpointError(f"{where} has no 'architecture' field; not a timm model config")
+    check_config(cfg, where)
+    return cfg
 
 
 def _create_from_directory(path: Path, **kwargs: Any) -> nn.Module:
@@ -163,6 +222,7 @@ def _directory_mismatch(path: Path, cfg: Mapping[str, Any], kwargs: Mapping[str,
 def _create_from_hub(spec: str, **kwargs: Any) -> nn.Module:
     repo_id, revision = split_repo_spec(spec)  # an empty revision (org/name@) is an error, not main
     require_hub_files(repo_id, [(CONFIG_NAME,), (WEIGHTS_NAME, "pytorch_model.bin")], revision=revision, what=spec)
+    read_saved_config(spec)  # its fields checked before timm reads them
     try:
         return timm.create_model(spec, pretrained=True, **kwargs)
     except Exception as e:

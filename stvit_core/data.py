@@ -32,7 +32,13 @@ import torch
 import torch.nn as nn
 import torch.utils.data
 from PIL import Image
-from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset, resolve_input_data_config
+from timm.data import (
+    ImageNetInfo,
+    create_transform,
+    infer_imagenet_subset,
+    resolve_input_data_config,
+    str_to_interp_mode,
+)
 from timm.data.readers import create_reader
 from timm.models import FeatureInfo
 from timm.utils import natural_key
@@ -185,6 +191,89 @@ def model_data_config(model: nn.Module, overrides: Optional[Mapping[str, Any]] =
     Uses the model's current input size (a DeiT built with ``img_size=32`` reports 32, not its default 224).
     """
     return dict(resolve_input_data_config(model, args={k: v for k, v in (overrides or {}).items() if v is not None}))
+
+
+_SIZE_KEYS = ("input_size", "test_input_size", "min_input_size")
+_CROP_MODES = ("center", "squash", "border")  # what timm's create_transform takes
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def _is_size(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+
+
+def preprocessing_problem(config: Mapping[str, Any], *, channels: Optional[int] = None,
+                          prefix: str = "") -> Optional[str]:
+    """What is wrong with the preprocessing fields of a stored data config (a model's ``pretrained_cfg``, an ONNX
+    file's metadata), as ``FIELD is VALUE, not ...``; None when nothing is. Absent fields are not checked.
+
+    Checked before timm's ``create_transform`` meets them, where a wrong type or length is a traceback or,
+    worse, a silently different normalisation. ``channels``: the model's input channels (default: those of
+    ``input_size``), which ``mean`` and ``std`` must match; ``prefix`` goes before each field's name.
+    """
+    for key in _SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and not _is_size(value):
+            return f"{prefix}{key} is {_shown(value)}, not a size [channels, height, width] of positive integers"
+    if channels is None and config.get("input_size") is not None:
+        channels = config["input_size"][0]
+    for key in ("mean", "std"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value) \
+                or (channels is not None and len(value) != channels):
+            count = f"{channels} numbers" if channels is not None else "a list of numbers"
+            return f"{prefix}{key} is {_shown(value)}, not {count} (one per input channel)"
+        if key == "std" and not all(v > 0 for v in value):
+            return f"{prefix}{key} is {_shown(value)}: each must be positive"
+    crop_pct = config.get("crop_pct")
+    if crop_pct is not None and not (_is_number(crop_pct) and crop_pct > 0):
+        return f"{prefix}crop_pct is {_shown(crop_pct)}, not a positive number"
+    crop_mode = config.get("crop_mode")
+    if crop_mode is not None and crop_mode not in _CROP_MODES:
+        return f"{prefix}crop_mode is {_shown(crop_mode)}, not one of {', '.join(_CROP_MODES)}"
+    interpolation = config.get("interpolation")
+    if interpolation is not None:
+        try:
+            str_to_interp_mode(interpolation)
+        except (KeyError, TypeError):
+            return f"{prefix}interpolation is {_shown(interpolation)}, not one of timm's (bicubic, bilinear...)"
+    return None
+
+
+def label_names_problem(names: Any, num_classes: Optional[int], *, field: str = "label_names") -> Optional[str]:
+    """What is wrong with stored class names (a list of distinct strings, one per output, or timm's ``{index:
+    name}`` mapping when there are gaps); None when nothing is. ``num_classes``: the outputs (None: unknown)."""
+    if isinstance(names, Mapping):
+        try:
+            indices = [int(k) for k in names]
+        except (TypeError, ValueError):
+            return f"{field} maps {_shown(next(iter(names)))}, not a class index"
+        values = list(names.values())
+        if num_classes is not None and any(not 0 <= i < num_classes for i in indices):
+            return f"{field} names a class index outside the model's {num_classes} outputs"
+    elif isinstance(names, (list, tuple)):
+        values = list(names)
+        if num_classes is not None and len(values) != num_classes:
+            return f"{field} has {len(values)} names but the model has {num_classes} outputs"
+    else:
+        return f"{field} is {_shown(names)}, not a list of class names"
+    if not all(isinstance(v, str) for v in values):
+        return f"{field} holds {_shown(next(v for v in values if not isinstance(v, str)))}, not a class name"
+    if len(set(values)) != len(values):
+        duplicate = next(v for v in values if values.count(v) > 1)
+        return f"{field} names {duplicate!r} twice"
+    return None
 
 
 def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augment: Optional[str] = None,
