@@ -20,6 +20,7 @@ USER_DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md"] + [DOCS / f"{name}.md" f
     "index", "cli", "training", "evaluation", "deploy", "visualise", "hub", "dense-tasks", "benchmarks-training")]
 
 
+@pytest.mark.slow  # builds and converts four models, counts FLOPs
 def test_index_python_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = [text for language, text in doc_blocks(DOCS / "index.md") if language == "python"]
