@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 
+from .data import label_names_problem, preprocessing_problem
 from .errors import CheckpointError, InvalidArgumentError, first_line, require_extra
 
 __all__ = ["ONNX_MODULES", "onnx_data_config", "onnx_providers", "onnx_session", "read_onnx_metadata"]
@@ -63,7 +64,11 @@ def onnx_providers(device: Optional[str]) -> List[str]:
 
 
 def read_onnx_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The ``metadata_props`` of an ONNX file written by :func:`export_model`, JSON values decoded."""
+    """The ``metadata_props`` of an ONNX file written by :func:`export_model`, JSON values decoded and checked.
+
+    A field that was edited into a wrong type or value (an ``input_size`` that is not a size, ``mean`` not one
+    number per channel, ``label_names`` not one name per output...) is one line naming the file and the field.
+    """
     require_extra("export", ("onnxruntime",), "reading an ONNX file")
     session = onnx_session(path)
     raw = session.get_modelmeta().custom_metadata_map
@@ -76,7 +81,31 @@ def read_onnx_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
                 meta[key] = json.loads(meta[key])
             except json.JSONDecodeError:
                 raise CheckpointError(f"{path}: metadata {key!r} is not JSON: {meta[key][:80]!r}") from None
+    problem = _metadata_problem(meta, session)
+    if problem:
+        raise CheckpointError(f"{path}: metadata {problem}")
     return meta
+
+
+def _metadata_problem(meta: Mapping[str, Any], session: Any) -> Optional[str]:
+    missing = [key for key in ("std", "crop_pct") if meta.get(key) is None]
+    if missing:
+        return f"{missing[0]} is missing"
+    problem = preprocessing_problem(meta)
+    if problem:
+        return problem
+    if meta.get("output", "logits") not in ("logits", "features"):
+        return f"output is {meta['output']!r}, not logits or features"
+    if meta.get("label_names") is not None:
+        if not isinstance(meta["label_names"], list):  # export writes one name per output, in order
+            return f"label_names is {type(meta['label_names']).__name__}, not a list of class names"
+        outputs = session.get_outputs()[0].shape
+        # a classifier's class count is its output's last dimension (a name if the file left it symbolic)
+        num_classes = outputs[-1] if outputs and isinstance(outputs[-1], int) else None
+        problem = label_names_problem(meta["label_names"], num_classes)
+        if problem:
+            return problem
+    return None
 
 
 def onnx_data_config(meta: Mapping[str, Any]) -> Dict[str, Any]:

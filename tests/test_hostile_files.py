@@ -104,3 +104,69 @@ def test_every_command_reports_a_tampered_config_in_one_line(saved_model, tmp_pa
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == (f"Error: {target / 'config.json'}: label_names has 2 names but the model has "
                                      "10 outputs"), result.stderr
+
+
+# --- an exported ONNX file whose stvit metadata was edited ---------------------------------------------------
+
+def _onnx_file(path, meta, outputs=10):
+    """A minimal ONNX classifier (Identity over [1, outputs]) carrying ``meta`` as its metadata_props."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, outputs])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, outputs])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(proto, meta)
+    onnx.save(proto, str(path))
+    return path
+
+
+ONNX_META = {"model_name": "stvit_deit_tiny_patch16_224", "output": "logits", "input_size": "[3, 32, 32]",
+             "mean": "[0.485, 0.456, 0.406]", "std": "[0.229, 0.224, 0.225]", "crop_pct": "0.875",
+             "crop_mode": "center", "interpolation": "bicubic",
+             "label_names": json.dumps([f"class{i}" for i in range(10)])}
+
+ONNX_FAULTS = {
+    "label_names short": ({"label_names": '["a", "b"]'}, "label_names has 2 names but the model has 10 outputs"),
+    "label_names mapping": ({"label_names": '{"0": "a"}'}, "label_names is dict"),
+    "input_size": ({"input_size": '"big"'}, "input_size is 'big', not a size"),
+    "input_size 2d": ({"input_size": "[32, 32]"}, "input_size is [32, 32], not a size"),
+    "mean": ({"mean": "[0.5]"}, "mean is [0.5], not 3 numbers"),
+    "std strings": ({"std": '["a", "b", "c"]'}, "std is ['a', 'b', 'c'], not 3 numbers"),
+    "crop_pct": ({"crop_pct": "-1"}, "crop_pct is -1, not a positive number"),
+    "interpolation": ({"interpolation": "sharp"}, "interpolation is 'sharp'"),
+    "output": ({"output": "boxes"}, "output is 'boxes'"),
+    "std missing": ({"std": None}, "std is missing"),
+}
+
+
+@pytest.mark.parametrize("fault", list(ONNX_FAULTS))
+def test_onnx_metadata_fields_are_checked_where_read(tmp_path, fault):
+    pytest.importorskip("onnxruntime")
+    from stvit_core.onnx_runtime import read_onnx_metadata
+
+    edit, expected = ONNX_FAULTS[fault]
+    meta = {k: v for k, v in {**ONNX_META, **edit}.items() if v is not None}
+    path = _onnx_file(tmp_path / "m.onnx", meta)
+    with pytest.raises(CheckpointError) as info:
+        read_onnx_metadata(path)
+    assert str(info.value).startswith(f"{path}: metadata ")
+    assert expected in str(info.value)
+
+
+def test_predict_reports_edited_onnx_metadata_in_one_line(tmp_path, image):
+    pytest.importorskip("onnxruntime")
+    path = _onnx_file(tmp_path / "m.onnx", {**ONNX_META, "label_names": '["a", "b"]'})
+    result = run_cli("predict", path, image)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: {path}: metadata label_names has 2 names but the model has 10 outputs"
+
+
+def test_untampered_onnx_metadata_reads(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from stvit_core.onnx_runtime import onnx_data_config, read_onnx_metadata
+
+    meta = read_onnx_metadata(_onnx_file(tmp_path / "m.onnx", ONNX_META))
+    assert meta["label_names"][9] == "class9"
+    assert onnx_data_config(meta)["input_size"] == (3, 32, 32)
