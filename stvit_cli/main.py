@@ -8,13 +8,20 @@ a non-zero exit code, never a traceback (see docs/cli.md):
   user typed (``num_semantic_tokens`` -> ``--tokens``);
 * 1: any other ``StvitError`` (missing or corrupt file, offline download, existing output...) and any
   ``OSError`` (a path that cannot be written or read: ``cannot write PATH: REASON``);
-* 130: interrupted (Ctrl-C).
+* 130: interrupted (Ctrl-C); 143: terminated (SIGTERM), after the same clean-up as Ctrl-C.
+
+A newline in the message (a path can hold one) is written as ``\\n``, so the error stays one line. With
+``-q/--quiet`` a command also silences Python warnings (DataLoader's, Pillow's...).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
+import threading
+import warnings
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import click
@@ -71,6 +78,57 @@ def _usage_line(error: click.ClickException) -> str:
     return message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it runs every clean-up Ctrl-C runs (temporary files and
+    folders removed, a run's lock released): `kill`, a job scheduler's stop and a container's stop are not
+    crashes."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
+def _handle_sigterm() -> None:
+    # Only where SIGTERM would kill the process outright: a handler installed by whoever started us stays.
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _one_line(message: str, limit: int = 2000) -> str:
+    """The message on one line: a newline or carriage return (a path can hold one) is written escaped."""
+    return message.strip().replace("\r", "\\r").replace("\n", "\\n")[:limit]
+
+
+def _echo_error(message: str) -> None:
+    click.echo(f"Error: {_one_line(message)}", err=True)
+
+
+def _compile_failure(error: BaseException) -> Optional[BaseException]:
+    """torch.compile's backend failure (inductor's ``BackendCompilerFailed``: no working C++ compiler, a
+    compile error), if that is what ``error`` is or was raised from."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(c.__name__ == "BackendCompilerFailed" and c.__module__.startswith("torch.")
+               for c in type(error).__mro__):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _quiet_warnings(callback: Optional[Callable[..., Any]]) -> Callable[..., Any]:
+    """A ``--quiet`` option's callback that also silences Python warnings for the command (the group's invoke
+    puts the filters back when it ends); DataLoader workers, forked or spawned, inherit the setting."""
+    def silence(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value:
+            warnings.simplefilter("ignore")
+            os.environ["PYTHONWARNINGS"] = "ignore"
+        return callback(ctx, param, value) if callback is not None else value
+
+    return silence
+
+
 class StvitGroup(RecordingGroup):
     """The top-level group: turns every error a user can cause into one line on stderr and an exit code."""
 
@@ -81,7 +139,7 @@ class StvitGroup(RecordingGroup):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         empty = _first_empty_argument(sys.argv[1:] if args is None else list(args))
         if empty is not None:
-            click.echo(f"Error: {empty}", err=True)
+            _echo_error(empty)
             sys.exit(2)
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
@@ -89,38 +147,59 @@ class StvitGroup(RecordingGroup):
             if type(e).__name__ == "NoArgsIsHelpError":  # `stvit` or `stvit eval` alone asks for the help
                 click.echo(e.format_message())
                 sys.exit(0)
-            click.echo(f"Error: {_usage_line(e)}", err=True)
+            _echo_error(_usage_line(e))
             sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo("Error: aborted", err=True)
+        except click.Abort as e:  # click's own: a KeyboardInterrupt outside a command
+            if isinstance(e.__context__, Terminated):
+                _echo_error("terminated")
+                sys.exit(143)
+            _echo_error("aborted")
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
+        environ = os.environ.get("PYTHONWARNINGS")
+        try:
+            with warnings.catch_warnings():  # what a command's --quiet silences comes back after it
+                return self._invoke(ctx)
+        finally:
+            if environ is None:
+                os.environ.pop("PYTHONWARNINGS", None)
+            else:
+                os.environ["PYTHONWARNINGS"] = environ
+
+    def _invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated):
+                _echo_error("terminated")
+                ctx.exit(143)
+            _echo_error("interrupted")
             ctx.exit(130)
         except click.ClickException:
             raise
         except OSError as e:  # an unwritable output, a disk full, a file gone: whatever command it was
             from stvit_core.errors import describe_os_error
 
-            click.echo(f"Error: {describe_os_error(e)}", err=True)
+            _echo_error(describe_os_error(e))
             ctx.exit(1)
         except Exception as e:
             errors = sys.modules.get("stvit_core.errors")  # loaded by whatever raised a library error
             if errors is not None and _out_of_memory(e):  # a batch too large for the device: the user's to change
-                click.echo(f"Error: out of memory ({errors.first_line(_allocator_message(e), limit=300)}); try a "
-                           "smaller batch size", err=True)
+                _echo_error(f"out of memory ({errors.first_line(_allocator_message(e), limit=300)}); try a "
+                            "smaller batch size")
+                ctx.exit(1)
+            compile_error = _compile_failure(e)
+            if errors is not None and compile_error is not None:  # e.g. no C++ compiler: 100+ lines from inductor
+                _echo_error(f"torch.compile failed: {errors.first_line(compile_error)}; run without --compile")
                 ctx.exit(1)
             if errors is None or not isinstance(e, errors.StvitError):
                 raise
             message = str(e)
             if isinstance(e, errors.InvalidArgumentError):
                 message = e.render(cli_terms(_option_names(ctx.meta.get("stvit.commands", []))))
-            click.echo(f"Error: {errors.first_line(message, limit=2000)}", err=True)
+            _echo_error(message)
             ctx.exit(e.exit_code)
 
 
@@ -152,7 +231,8 @@ def cli() -> None:
 
     \b
     Errors are one line on stderr, "Error: ...", with exit code 2 for a usage error or an invalid
-    argument, 1 for anything else (missing file, offline, unwritable output), 130 when interrupted.
+    argument, 1 for anything else (missing file, offline, unwritable output), 130 when interrupted,
+    143 when terminated (SIGTERM).
 
     \b
     Examples:
@@ -177,7 +257,16 @@ def _register_commands() -> None:
     from .commands import COMMANDS
 
     for command in COMMANDS:
+        _quiet_means_no_warnings(command)
         cli.add_command(command)
+
+
+def _quiet_means_no_warnings(command: click.Command) -> None:
+    for param in command.params:
+        if isinstance(param, click.Option) and param.name == "quiet":
+            param.callback = _quiet_warnings(param.callback)
+    for sub in getattr(command, "commands", {}).values():
+        _quiet_means_no_warnings(sub)
 
 
 _register_commands()

@@ -11,6 +11,8 @@ validation images, and timed against its source architecture. The figures it pri
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -32,13 +34,18 @@ DEMO_SOURCE = dict(img_size=32, patch_size=4, embed_dim=64, depth=12, num_heads=
 SUMMARY_NAME = "summary.json"
 
 
-def _prepare_output(output: Path, force: bool) -> None:
+def _prepare_output(output: Path, force: bool) -> Optional[Path]:
+    """Create ``output``; returns the first folder this created (None if ``output`` existed), to be removed when
+    the demo fails: a failed demo leaves nothing behind (except an interrupted one, whose message says how to
+    start over)."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise OutputExistsError(f"{output} already exists (use --force to overwrite)")
+    missing = [p for p in (output, *output.parents) if not os.path.lexists(p)]
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a mkdir: always a write (describe_os_error would call a missing name a read)
         raise StvitError(f"cannot write {output}: {e.strerror or e}") from None
+    return missing[-1] if missing else None
 
 
 def _convert(num_semantic_tokens: Optional[int], seed: int):
@@ -89,38 +96,43 @@ def run_demo(
     output = Path(output)
     source, stvit, metadata = _convert(num_semantic_tokens, seed)  # bad arguments fail before anything is written
     num_semantic_tokens = stvit.num_semantic_tokens
-    _prepare_output(output, force)
-    data = embedded_dataset_path()
-    save_model(stvit, output / "converted", force=True, metadata=metadata)
-    log(f"[1/4] converted DeiT-Tiny layout -> STViT ({num_semantic_tokens} tokens): "
-        f"{metadata['base_gflops']:.3f} -> {metadata['gflops']:.3f} GFLOPs, saved {output / 'converted'}")
-
-    cfg = resolve_config(overrides=dict(
-        data=str(data), output=str(output / "finetune"), epochs=epochs, batch_size=64, lr=1e-3, warmup_epochs=1,
-        min_lr=1e-5, drop_path=0.0, scale_min=0.35, workers=0, seed=seed, quiet=True,
-    ))
-    log(f"[2/4] fine-tuning {epochs} epochs on {data.name} (2000 images, 10 classes)...")
-    stvit.stvit_metadata = metadata  # carried into best/config.json, so the card shows source and GFLOPs
+    created = _prepare_output(output, force)
     try:
-        trained = train(cfg, stvit, force=True, on_epoch_end=lambda row: log(
-            f"      epoch {row['epoch']}: loss {row['train_loss']:.3f}, val top-1 {row['top1']:.1f}%"))
-    except TrainingInterrupted:  # train() points at --resume, which the demo does not have
-        raise TrainingInterrupted(f"interrupted while fine-tuning; the demo starts over when run again (with --force "
-                                  f"to replace {output})") from None
-    best = Path(trained["output"]) / "best"
+        data = embedded_dataset_path()
+        save_model(stvit, output / "converted", force=True, metadata=metadata)
+        log(f"[1/4] converted DeiT-Tiny layout -> STViT ({num_semantic_tokens} tokens): "
+            f"{metadata['base_gflops']:.3f} -> {metadata['gflops']:.3f} GFLOPs, saved {output / 'converted'}")
 
-    result = evaluate_model(str(best), str(data), imagenet=False, batch_size=100, workers=0)
-    log(f"[3/4] eval on {result['images']} validation images: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}%")
-    bench, bench_s = _benchmark(source, stvit, num_semantic_tokens, log)
-    summary = {
-        "output": str(output), "model": str(best), "tokens": num_semantic_tokens, "epochs": epochs,
-        "top1": result["top1"], "top5": result["top5"], "images": result["images"],
-        "gflops": metadata["gflops"], "base_gflops": metadata["base_gflops"],
-        "speedup": bench["speedup"], "flops_ratio": bench["flops_ratio"],
-        "base_img_per_sec": bench["base"]["img_per_sec"], "stvit_img_per_sec": bench["stvit"]["img_per_sec"],
-        "deit_small_speedup": bench_s["speedup"], "deit_small_flops_ratio": bench_s["flops_ratio"],
-    }
-    atomic_write_bytes(output / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
+        cfg = resolve_config(overrides=dict(
+            data=str(data), output=str(output / "finetune"), epochs=epochs, batch_size=64, lr=1e-3, warmup_epochs=1,
+            min_lr=1e-5, drop_path=0.0, scale_min=0.35, workers=0, seed=seed, quiet=True,
+        ))
+        log(f"[2/4] fine-tuning {epochs} epochs on {data.name} (2000 images, 10 classes)...")
+        stvit.stvit_metadata = metadata  # carried into best/config.json, so the card shows source and GFLOPs
+        try:
+            trained = train(cfg, stvit, force=True, on_epoch_end=lambda row: log(
+                f"      epoch {row['epoch']}: loss {row['train_loss']:.3f}, val top-1 {row['top1']:.1f}%"))
+        except TrainingInterrupted:  # train() points at --resume, which the demo does not have
+            raise TrainingInterrupted(f"interrupted while fine-tuning; the demo starts over when run again (with --force "
+                                      f"to replace {output})") from None
+        best = Path(trained["output"]) / "best"
+
+        result = evaluate_model(str(best), str(data), imagenet=False, batch_size=100, workers=0)
+        log(f"[3/4] eval on {result['images']} validation images: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}%")
+        bench, bench_s = _benchmark(source, stvit, num_semantic_tokens, log)
+        summary = {
+            "output": str(output), "model": str(best), "tokens": num_semantic_tokens, "epochs": epochs,
+            "top1": result["top1"], "top5": result["top5"], "images": result["images"],
+            "gflops": metadata["gflops"], "base_gflops": metadata["base_gflops"],
+            "speedup": bench["speedup"], "flops_ratio": bench["flops_ratio"],
+            "base_img_per_sec": bench["base"]["img_per_sec"], "stvit_img_per_sec": bench["stvit"]["img_per_sec"],
+            "deit_small_speedup": bench_s["speedup"], "deit_small_flops_ratio": bench_s["flops_ratio"],
+        }
+        atomic_write_bytes(output / SUMMARY_NAME, (json.dumps(summary, indent=2) + "\n").encode())
+    except Exception as e:  # a full disk, a failed step: nothing half-made stays (an interrupt keeps its run)
+        if created is not None and not isinstance(e, TrainingInterrupted):
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     return summary
 
 

@@ -257,7 +257,7 @@ def export_model(
             raise ExportCheckError(f"the exported {format} file differs from PyTorch by {diffs[worst_batch]:.3g} at "
                                    f"batch {worst_batch} (tolerance {tolerance:g}); nothing was written")
         size = tmp.stat().st_size
-        rename_into_place(tmp, output)
+        rename_into_place(tmp, output, force=force)  # an output another export wrote meanwhile is not replaced
     result.update(checks=[{"batch_size": b, "max_abs_diff": diffs[b]} for b in checks],
                   max_abs_diff=diffs[worst_batch], tolerance=tolerance, size_mb=round(size / 2**20, 2))
     return result

@@ -1,14 +1,20 @@
 """Writing files so that nothing half-written is ever left behind, and checking an output path before slow work.
 
-Everything is written under a temporary name next to its final place and renamed into place when complete
-(``os.replace`` is atomic on one file system), so a crash, a full disk or Ctrl-C leaves the old output or
-nothing. What is renamed into place gets the permissions a plain ``open()`` / ``mkdir()`` would give.
+Everything is written under a temporary name next to its final place and moved into place when complete (on
+one file system that is atomic), so a crash, a full disk, Ctrl-C or SIGTERM leaves the old output or nothing.
+What is moved into place gets the permissions a plain ``open()`` / ``mkdir()`` would give. Without ``force``, an
+output that appeared while the work ran (another writer of the same path) is never replaced: of two writers,
+exactly one wins and the other gets the "already exists" error it would get had it started second. A write
+that fails (a full disk, a read-only file system), whatever library did the writing, is one error naming the
+output: ``cannot write PATH: No space left on device``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,23 +24,71 @@ from .errors import InvalidArgumentError, OutputExistsError, StvitError, first_l
 
 PathLike = Union[str, os.PathLike]
 
+# How Rust's std::io::Error reads inside a foreign error's message (safetensors raises SafetensorError, not
+# OSError): "I/O error: No space left on device (os error 28)" or "IoError(Os { code: 28, ... })".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
+
+# Where a file system has no hard links, the exclusive final step falls back to check-then-rename.
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
+
 
 def file_in_the_way(folder: Path) -> Optional[Path]:
     """The first of ``folder`` and its parents that exists as something other than a folder (so nothing can be
     written under ``folder``), or None."""
-    return next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    return next((p for p in (folder, *folder.parents) if os.path.lexists(p) and not p.is_dir()), None)
+
+
+def exists_message(output: PathLike) -> str:
+    return f"{output} already exists (use --force to overwrite)"
+
+
+def write_failure(error: BaseException, where: Path) -> Optional[str]:
+    """Why writing under ``where`` failed, when ``error`` is a failed write, else None.
+
+    An OSError gives its reason; a foreign error that carries an operating-system error in its text (Rust's
+    ``(os error 28)``) gives that error's reason; any other error raised while the file system under ``where``
+    has no space left is a full disk (torch's stream writer says only "file write failed").
+    """
+    if isinstance(error, StvitError) or not isinstance(error, Exception):
+        return None
+    if isinstance(error, OSError):
+        return error.strerror or first_line(error)
+    match = _RUST_OS_ERROR.search(str(error))
+    if match:
+        return os.strerror(int(match.group(1) or match.group(2)))
+    return os.strerror(errno.ENOSPC) if _no_space_left(where) else None
+
+
+def _no_space_left(where: Path) -> bool:
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    try:
+        stats = os.statvfs(existing)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return False
+    return stats.f_bavail == 0
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree; nothing if it is gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 @contextlib.contextmanager
 def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``output_dir`` only if the block succeeds.
 
-    Raises OutputExistsError when ``output_dir`` exists and ``force`` is False, before any work is done.
+    Raises OutputExistsError when ``output_dir`` exists and ``force`` is False, before any work is done, and
+    also at the end if it appeared meanwhile (the final name is claimed with an exclusive ``mkdir``).
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not force:
-        raise OutputExistsError(f"{output_dir} already exists (use --force to overwrite)")
-    if output_dir.exists() and not output_dir.is_dir():
+    exists = os.path.lexists(output_dir)  # a dangling symbolic link is something in the way too
+    if exists and not force:
+        raise OutputExistsError(exists_message(output_dir))
+    if exists and not output_dir.is_dir():
         raise OutputExistsError(f"{output_dir} exists and is not a directory")
     parent = output_dir.parent if str(output_dir.parent) else Path(".")
     blocking_file = file_in_the_way(parent)
@@ -45,23 +99,35 @@ def atomic_directory(output_dir: PathLike, *, force: bool = False) -> Iterator[P
         tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
     except OSError as e:  # name the output the user gave, not the folder its temporary sibling was made in
         raise StvitError(f"cannot write {output_dir}: {e.strerror or e}") from None
+    claimed = False
     try:
         yield tmp
         umask = _umask()
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp makes 0700; safetensors, like mkstemp, writes 0600
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-        old = None
-        if output_dir.exists():
-            old = parent / f".{output_dir.name}.old-{os.getpid()}"
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+        if force:
+            old = None
+            if os.path.lexists(output_dir):
+                old = parent / f".{output_dir.name}.old-{os.getpid()}"
+                os.replace(output_dir, old)
+            os.replace(tmp, output_dir)
+            if old is not None:
+                _remove(old)
+        else:
+            try:  # the claim: of two writers, one makes the folder and the other learns it exists
+                os.mkdir(output_dir)
+            except FileExistsError:
+                raise OutputExistsError(exists_message(output_dir)) from None
+            claimed = True
+            os.replace(tmp, output_dir)  # onto our own empty claim
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise StvitError(f"cannot write {output_dir}: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if claimed:
+            with contextlib.suppress(OSError):
+                os.rmdir(output_dir)  # our empty claim (a finished rename leaves it non-empty)
+        reason = write_failure(e, tmp)
+        if reason is not None:  # a full disk, whichever library wrote: name the output, not the temporary
+            raise StvitError(f"cannot write {output_dir}: {reason}") from None
         raise
 
 
@@ -73,8 +139,30 @@ def _umask() -> int:
     return umask
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write a file under a temporary name in the same directory, then rename it into place."""
+def _place_file(tmp: Path, path: Path, force: bool) -> None:
+    """Move a finished temporary file onto ``path``; without ``force``, never over a file that appeared."""
+    if force:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails with EEXIST, atomically, if another writer got there first
+    except FileExistsError:
+        raise OutputExistsError(exists_message(path)) from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):  # no hard links here: check, then rename (a narrow window instead of none)
+            raise OutputExistsError(exists_message(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, force: bool = True) -> None:
+    """Write a file under a temporary name in the same directory, then rename it into place.
+
+    ``force`` False: an existing ``path`` is not replaced (OutputExistsError), even one that appeared meanwhile.
+    """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
@@ -84,13 +172,21 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        _place_file(Path(tmp), path, force)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):  # a full disk, a folder in the way: name the file, not the temporary name
             raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
         raise
+
+
+def copy_file(source: PathLike, path: PathLike, *, force: bool = True) -> None:
+    """Copy ``source`` to ``path`` through a temporary name: a failed copy (a full disk) leaves nothing."""
+    path = Path(path)
+    with temporary_file(path) as tmp:
+        shutil.copyfile(source, tmp)
+        rename_into_place(tmp, path, force=force)
 
 
 def refuse_folder_name(output: Union[str, os.PathLike]) -> None:
@@ -105,13 +201,13 @@ def refuse_folder_name(output: Union[str, os.PathLike]) -> None:
 
 def check_output_path(output: Union[str, os.PathLike], *, force: bool = False) -> Path:
     """Fail now, before any slow work, if ``output`` names a folder (ends in a path separator), exists (without
-    ``force``) or its folder cannot be written."""
+    ``force``; a dangling symbolic link exists too) or its folder cannot be written."""
     refuse_folder_name(output)
     output = Path(output)
     if output.is_dir():
         raise OutputExistsError(f"{output} is a directory; the export is one file")
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} already exists (use --force to overwrite)")
+    if os.path.lexists(output) and not force:
+        raise OutputExistsError(exists_message(output))
     parent = output.parent
     blocking_file = file_in_the_way(parent)
     if blocking_file is not None:
@@ -125,7 +221,11 @@ def check_output_path(output: Union[str, os.PathLike], *, force: bool = False) -
 
 @contextlib.contextmanager
 def temporary_file(output: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary sibling of ``output``, removed when the block ends unless renamed into place."""
+    """A temporary sibling of ``output``, removed when the block ends unless renamed into place.
+
+    A failed write inside the block (an OSError about the temporary file, or any library's full-disk error)
+    is reported as ``cannot write OUTPUT``: the user never hears of the temporary name.
+    """
     try:
         fd, name = tempfile.mkstemp(prefix=f".{output.name}.tmp-", suffix=suffix, dir=output.parent)
     except OSError as e:
@@ -134,15 +234,24 @@ def temporary_file(output: Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+    except Exception as e:
+        about_another_file = isinstance(e, OSError) and e.filename is not None and os.fsdecode(e.filename) != name
+        reason = None if about_another_file else write_failure(e, tmp)
+        if reason is not None:
+            raise StvitError(f"cannot write {output}: {reason}") from None
+        raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def rename_into_place(tmp: Path, output: Path) -> None:
-    """Rename a finished temporary file onto ``output``, with the permissions a plain ``open()`` gives."""
+def rename_into_place(tmp: Path, output: Path, *, force: bool = True) -> None:
+    """Rename a finished temporary file onto ``output``, with the permissions a plain ``open()`` gives.
+
+    ``force`` False: an ``output`` that appeared since it was checked is not replaced (OutputExistsError).
+    """
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600
-        os.replace(tmp, output)
+        _place_file(tmp, output, force)
     except OSError as e:
         raise StvitError(f"cannot write {output}: {e.strerror or first_line(e)}") from None

@@ -11,10 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
+
+try:  # flock: POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import torch.nn as nn
 import yaml
@@ -44,34 +50,78 @@ def _holds_a_run(out: Path) -> bool:
 
 
 def check_output_dir(output: str, *, resume: bool, force: bool) -> Path:
-    """The output directory, refused when it holds another run (unless resuming or forced)."""
+    """The output directory, refused when it holds another run (unless resuming or forced) or another run is
+    writing it now."""
     if not output:
         raise InvalidArgumentError("an output directory is required")
     out = Path(output)
-    if out.exists() and not out.is_dir():
+    if os.path.lexists(out) and not out.is_dir():  # a dangling symbolic link too
         raise OutputExistsError(f"{out} exists and is not a directory")
     if out.is_dir() and not resume and not force and _holds_a_run(out):
-        raise OutputExistsError(f"{out} already exists and is not empty (use --force, or --resume to continue)")
+        raise OutputExistsError(_another_run(out))
+    if out.is_dir():
+        with _run_lock(out, resume=resume, force=force):  # a run writing it now: fail before any slow work
+            pass
     return out
 
 
+def _another_run(out: Path) -> str:
+    return f"{out} already exists and is not empty (use --force, or --resume to continue)"
+
+
 @contextlib.contextmanager
-def output_directory(out: Path, dist: DistInfo) -> Iterator[Path]:
-    """Create ``out/checkpoints`` (rank 0); if the run fails before its first checkpoint, remove what it created."""
-    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)
-    if dist.is_main:
-        try:
-            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            if created is not None:
-                shutil.rmtree(created, ignore_errors=True)
-            raise StvitError(f"cannot create output directory {out}: {e.strerror or e}") from None
+def _run_lock(out: Path, *, resume: bool, force: bool) -> Iterator[None]:
+    """Hold an exclusive lock on the ``out`` folder itself (no lock file is left behind), so that of two runs
+    writing one output directory exactly one goes on; the other fails at once. Released when the process ends,
+    however it ends. Where there is no ``flock`` (Windows) runs are not locked."""
+    if fcntl is None:
+        yield
+        return
     try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        raise StvitError(f"cannot write {out}: {e.strerror or e}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            # what a second run hears when it comes after the first; --force cannot take over a live run
+            raise OutputExistsError(f"{out} is being written by another run (wait for it to end, or choose another "
+                                    "output directory)" if resume or force else _another_run(out)) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_directory(out: Path, dist: DistInfo, *, resume: Optional[bool] = None, force: bool = False) -> Iterator[Path]:
+    """Create ``out/checkpoints`` (rank 0) and hold ``out`` for this run; if the run fails before its first
+    checkpoint, remove what it created.
+
+    ``out`` is locked while the run writes it: a second run into it fails at once with OutputExistsError.
+    Given ``resume`` (and ``force``), whether ``out`` holds another run is checked again under the lock, for a
+    run that finished between :func:`check_output_dir` and this point.
+    """
+    if not dist.is_main:
         yield out
-    except BaseException:
-        if dist.is_main and created is not None and not any((out / "checkpoints").glob("*.pth")):
+        return
+    missing = [p for p in (out, *out.parents) if not os.path.lexists(p)]
+    created = missing[-1] if missing else None
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        raise
+        raise StvitError(f"cannot create output directory {out}: {e.strerror or e}") from None
+    with _run_lock(out, resume=bool(resume), force=force):  # before anything of ours could be removed
+        if resume is not None and not resume and not force and _holds_a_run(out):
+            raise OutputExistsError(_another_run(out))
+        try:
+            yield out
+        except BaseException:
+            if created is not None and not any((out / "checkpoints").glob("*.pth")):
+                shutil.rmtree(created, ignore_errors=True)
+            raise
 
 
 def write_yaml(path: Path, values: Mapping[str, Any]) -> None:
