@@ -284,6 +284,7 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    _handle_sigterm()  # the console script only: a program that calls the group keeps its own SIGTERM handling
     cli(prog_name="stvit")
 
 
