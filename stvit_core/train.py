@@ -414,7 +414,7 @@ def train(
     opt = build_optimisation(cfg, model.to(dist.device), teacher, data, dist)
     state = TrainState(model, opt.optimizer, opt.scheduler, opt.ema, opt.scaler)
     if resume:
-        where = state.load(resume, dist)
+        where = state.load(resume, dist, dataclasses.asdict(cfg))
         if on_resume is not None and dist.is_main:
             on_resume(where)
     wrapped = _wrap(model, cfg, dist)
@@ -422,7 +422,7 @@ def train(
               "world_size": dist.world_size, **model_record(model), "classes": data.class_names,
               "input_size": list(data.data_config["input_size"]), **dict(extra_config or {})}
     with output_directory(out, dist), StopSignal() as stop:
-        if dist.is_main:
+        if dist.is_main and (not resume or state.epoch < cfg.epochs):  # a finished run's record stays as it is
             write_yaml(out / "config.yaml", config)
         while state.epoch < cfg.epochs:
             train_one_epoch(wrapped, state, opt, data, cfg, dist, stop=stop, out=out)

@@ -23,11 +23,12 @@ from timm.utils import AverageMeter
 
 from .checkpoint import unreadable_checkpoint_message
 from .distributed import DistInfo, all_gather_objects, barrier
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidArgumentError, first_line
 from .files import atomic_write_bytes
 from .loading import architecture_of
 
-__all__ = ["CHECKPOINT_VERSION", "StopSignal", "TrainState", "load_training_checkpoint"]
+__all__ = ["CHECKPOINT_VERSION", "RESUMABLE_CHANGES", "StopSignal", "TrainState", "check_same_options",
+           "load_training_checkpoint"]
 
 CHECKPOINT_FORMAT = "stvit-train"
 CHECKPOINT_VERSION = 1
@@ -78,12 +79,21 @@ class TrainState:
         barrier(dist)
         return path
 
-    def load(self, path: str, dist: DistInfo) -> Dict[str, Any]:
-        """Continue from the checkpoint at ``path``; returns where (``epoch``, ``batches_done``, ``step``...)."""
+    def load(self, path: str, dist: DistInfo, config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Continue from the checkpoint at ``path``; returns where (``epoch``, ``batches_done``, ``step``...).
+
+        ``config``: this run's options (``dataclasses.asdict(TrainConfig)``); each that changes the run (see
+        :data:`RESUMABLE_CHANGES` for those that do not) must be the checkpoint's, or this raises naming it.
+        """
         ckpt = load_training_checkpoint(path)
         _check_same_model(ckpt, self.model, path)
+        if config is not None:
+            check_same_options(ckpt["config"], config, path)
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # other parameter groups or shapes
+            raise CheckpointError(f"{path}: optimizer does not fit this run's optimizer ({first_line(e)})") from None
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None:
             if ckpt.get("ema") is None:
@@ -99,7 +109,10 @@ class TrainState:
         self.best_top1, self.best_epoch = ckpt["best"]["top1"], ckpt["best"]["epoch"]
         self.rows = [dict(r) for r in ckpt.get("rows", [])]
         rng = ckpt["rng"]
-        _set_rng_state(rng[dist.rank % len(rng)])  # last: nothing may draw from the RNGs after this
+        try:
+            _set_rng_state(rng[dist.rank % len(rng)])  # last: nothing may draw from the RNGs after this
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: rng holds an RNG state this torch/NumPy cannot take ({e})") from None
         return {"path": str(path), "epoch": self.epoch, "batches_done": self.batches_done,
                 "step": self.num_updates, "world_size": dist.world_size, "checkpoint_world_size": len(rng)}
 
@@ -115,7 +128,78 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(unreadable_checkpoint_message(p, e)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise CheckpointError(f"{p} is not a stvit training checkpoint (checkpoints/last.pth of a finetune run)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{p}: version is {ckpt.get('version')!r}; this stvit reads version "
+                              f"{CHECKPOINT_VERSION} training checkpoints")
+    for key, (required, valid, what) in _ENTRIES.items():
+        if key not in ckpt or (ckpt[key] is None and not required):
+            if required:
+                raise CheckpointError(f"{p}: {key} is missing")
+            continue
+        if not valid(ckpt[key]):
+            raise CheckpointError(f"{p}: {key} is {_shown(ckpt[key])}, not {what}")
     return ckpt
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tensors(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"a {type(value).__name__} of {len(value)} entries"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# Every entry TrainState.load reads: (required, check, what it must be). ema and scaler may be None (not used).
+_ENTRIES: Dict[str, Any] = {
+    "architecture": (True, lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "model": (True, _tensors, "a state dict of tensors"),
+    "optimizer": (True, lambda v: isinstance(v, Mapping) and isinstance(v.get("state"), Mapping)
+                  and isinstance(v.get("param_groups"), list), "an optimizer state dict (state, param_groups)"),
+    "scheduler": (True, lambda v: isinstance(v, Mapping), "a scheduler state dict"),
+    "ema": (False, _tensors, "a state dict of tensors"),
+    "scaler": (False, lambda v: isinstance(v, Mapping), "a grad scaler state dict"),
+    "epoch": (True, _whole, "a whole number"),
+    "batches_done": (True, _whole, "a whole number"),
+    "num_updates": (True, _whole, "a whole number"),
+    "meters": (True, lambda v: isinstance(v, Mapping) and _number(v.get("loss_sum")) and _whole(v.get("count"))
+               and _number(v.get("seconds")), "{loss_sum, count, seconds}"),
+    "best": (True, lambda v: isinstance(v, Mapping) and _number(v.get("top1")) and isinstance(v.get("epoch"), int),
+             "{top1, epoch}"),
+    "rows": (False, lambda v: isinstance(v, list) and all(isinstance(r, Mapping) for r in v), "a list of metric rows"),
+    "rng": (True, lambda v: isinstance(v, list) and bool(v) and all(
+        isinstance(r, Mapping) and {"python", "numpy", "torch"} <= set(r) for r in v),
+            "a list of each process's RNG states (python, numpy, torch)"),
+    "config": (True, lambda v: isinstance(v, Mapping), "the run's options"),
+}
+
+
+# Options a resumed run may change: where the data and outputs are, how it runs (processes, workers, device,
+# compilation, determinism) and what it shows or how often it checkpoints. Every other option (seed, batch size,
+# epochs, learning rate and schedule, augmentation, EMA, distillation, amp...) shapes what is trained: changing
+# it on resume would silently give neither the old run nor a new one.
+RESUMABLE_CHANGES = frozenset({"data", "output", "workers", "device", "compile", "deterministic",
+                               "checkpoint_every_steps", "quiet"})
+
+
+def check_same_options(saved: Mapping[str, Any], config: Mapping[str, Any], path: str) -> None:
+    """Raise naming the first option of ``config`` that differs from the checkpoint's run (``saved``)."""
+    for key, value in config.items():
+        if key in RESUMABLE_CHANGES or key not in saved or saved[key] == value:
+            continue
+        raise InvalidArgumentError(
+            f"{{{key}=}} differs from the run being resumed, which has {saved[key]!r} ({path}): a resumed run "
+            "continues with its own options (start a new run to change it)", **{key: value})
 
 
 def _check_same_model(ckpt: Mapping[str, Any], model: nn.Module, path: str) -> None:

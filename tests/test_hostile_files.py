@@ -170,3 +170,90 @@ def test_untampered_onnx_metadata_reads(tmp_path):
     meta = read_onnx_metadata(_onnx_file(tmp_path / "m.onnx", ONNX_META))
     assert meta["label_names"][9] == "class9"
     assert onnx_data_config(meta)["input_size"] == (3, 32, 32)
+
+
+# --- a training checkpoint for --resume with a missing or mistyped entry; options that change the run ---------
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A one-epoch run of a tiny STViT on 3 classes: (its finetune arguments, its checkpoint)."""
+    from .train_utils import make_subset, tiny_stvit
+
+    root = tmp_path_factory.mktemp("run")
+    data = make_subset(root / "data", 4, 2, classes=["bag", "coat", "dress"])
+    torch.manual_seed(0)
+    model_dir = stvit_core.save_model(tiny_stvit(num_classes=3), root / "model")
+    args = ["finetune", "-m", model_dir, "-d", data, "-o", root / "out", "--epochs", "1", "-b", "4", "--workers", "0",
+            "--device", "cpu"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    return args, root / "out" / "checkpoints" / "last.pth"
+
+
+CHECKPOINT_FAULTS = {
+    "no optimizer": (lambda c: c.pop("optimizer"), "optimizer is missing"),
+    "rng None": (lambda c: c.update(rng=None), "rng is None, not a list"),
+    "rng empty": (lambda c: c.update(rng=[]), "rng is [], not a list of each process's RNG states"),
+    "string epoch": (lambda c: c.update(epoch="1"), "epoch is '1', not a whole number"),
+    "negative epoch": (lambda c: c.update(epoch=-1), "epoch is -1, not a whole number"),
+    "negative step": (lambda c: c.update(num_updates=-3), "num_updates is -3, not a whole number"),
+    "meters": (lambda c: c["meters"].pop("count"), "meters is a dict of 2 entries, not {loss_sum, count, seconds}"),
+    "best": (lambda c: c.update(best=None), "best is None, not {top1, epoch}"),
+    "model": (lambda c: c.update(model={"x": 1}), "model is a dict of 1 entries, not a state dict of tensors"),
+    "scheduler": (lambda c: c.update(scheduler=[]), "scheduler is [], not a scheduler state dict"),
+    "config": (lambda c: c.pop("config"), "config is missing"),
+    "version": (lambda c: c.update(version=99), "version is 99"),
+}
+
+
+@pytest.mark.parametrize("fault", list(CHECKPOINT_FAULTS))
+def test_training_checkpoint_entries_are_checked_where_read(finished_run, tmp_path, fault):
+    from stvit_core.train_state import load_training_checkpoint
+
+    _, last = finished_run
+    change, expected = CHECKPOINT_FAULTS[fault]
+    ckpt = torch.load(last, weights_only=True)
+    change(ckpt)
+    path = tmp_path / "last.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError) as info:
+        load_training_checkpoint(str(path))
+    assert str(info.value).startswith(f"{path}: ")
+    assert expected in str(info.value)
+
+
+def test_resume_from_a_tampered_checkpoint_is_one_line(finished_run, tmp_path):
+    args, last = finished_run
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["epoch"] = -1
+    bad = tmp_path / "last.pth"
+    torch.save(ckpt, bad)
+    result = run_cli(*args[:-8], "-o", tmp_path / "out", *args[-6:], "--resume", bad)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"Error: {bad}: epoch is -1, not a whole number"
+
+
+@pytest.mark.parametrize("option, value, saved", [("--seed", "1", "0"), ("--batch-size", "2", "4"),
+                                                  ("--epochs", "2", "1"), ("--lr", "0.1", "None")])
+def test_resume_with_options_that_change_the_run_is_refused(finished_run, option, value, saved):
+    args, last = finished_run
+    config = (last.parent.parent / "config.yaml").read_text()
+    if option in args:
+        i = args.index(option)
+        args = [*args[:i], *args[i + 2:]]
+    result = run_cli(*args, option, value, "--resume", last)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {option} {value} differs from the run being resumed, which has {saved} ({last}): a resumed run "
+        "continues with its own options (start a new run to change it)")
+    assert (last.parent.parent / "config.yaml").read_text() == config
+
+
+def test_resuming_a_finished_run_leaves_its_record(finished_run):
+    args, last = finished_run
+    config = last.parent.parent / "config.yaml"
+    before = config.read_text()
+    result = run_cli(*args, "--quiet", "--resume", last)  # options that may change
+    assert result.returncode == 0, result.stderr
+    assert "all 1 epochs are done" in result.stderr
+    assert config.read_text() == before and "quiet: false" in before
