@@ -137,7 +137,10 @@ def resolve_config(recipe: Optional[str] = None, yaml_file: Optional[str] = None
     if yaml_file:
 
         try:
-            loaded = yaml.safe_load(Path(yaml_file).read_text()) or {}
+            loaded = yaml.safe_load(Path(yaml_file).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise InvalidArgumentError(f"cannot read config file {yaml_file}: not UTF-8 text (byte "
+                                       f"{e.object[e.start]:#04x} at offset {e.start})") from None
         except (OSError, yaml.YAMLError) as e:
             raise InvalidArgumentError(f"cannot read config file {yaml_file}: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):

@@ -257,3 +257,15 @@ def test_resuming_a_finished_run_leaves_its_record(finished_run):
     assert result.returncode == 0, result.stderr
     assert "all 1 epochs are done" in result.stderr
     assert config.read_text() == before and "quiet: false" in before
+
+
+# --- a YAML config that is not UTF-8 -------------------------------------------------------------------------
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_bytes("epochs: 2\nseed: 1  # caf\u00e9\n".encode("latin-1"))
+    result = run_cli("finetune", "-m", "stvit_deit_tiny_patch16_224", "-d", tmp_path, "-o", tmp_path / "out",
+                     "--config", config)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"Error: cannot read config file {config}: not UTF-8 text (byte 0xe9 at offset 26)"
+    assert not (tmp_path / "out").exists()
