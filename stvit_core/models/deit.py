@@ -385,8 +385,7 @@ def _cfg(source: Optional[str], **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# Tags say what the weights are: DeiT's ImageNet-1k weights (fb_in1k) converted on load, not fine-tuned as STViT
-# (the 0.x releases called them `.fb_in1k`, which read like trained STViT weights).
+# Tags say what the weights are: DeiT's ImageNet-1k weights (fb_in1k) converted on load, not fine-tuned as STViT.
 default_cfgs = generate_default_cfgs(
     {
         "stvit_deit_tiny_patch16_224.fb_in1k_converted": _cfg("deit_tiny_patch16_224.fb_in1k"),
