@@ -267,5 +267,5 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     result = run_cli("finetune", "-m", "stvit_deit_tiny_patch16_224", "-d", tmp_path, "-o", tmp_path / "out",
                      "--config", config)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"Error: cannot read config file {config}: not UTF-8 text (byte 0xe9 at offset 26)"
+    assert result.stderr.strip() == f"Error: cannot read config file {config}: not UTF-8 text (byte 0xe9 at offset 24)"
     assert not (tmp_path / "out").exists()
