@@ -67,7 +67,7 @@ class Pair:
     estimate_s: float  # seconds at the default settings, process start and warm-up included (H200 run + margin)
     label: str
     compile_mode: Optional[str] = None  # inductor mode; None: 'reduce-overhead' for latency, else the default
-    base_patch_projection: bool = False  # base with STViT's GEMM patch embedding: the semantic tokens' own share
+    patch_gemm: bool = False  # both models' patch embedding as a gather + one GEMM (stvit_core.layers.use_patch_gemm)
     training: bool = False  # run with --training (or --only): whole training runs, minutes each
 
 
@@ -76,7 +76,7 @@ PAIRS: List[Pair] = [
     Pair("deit_s", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", False, 25,
          "STViT-DeiT-S(16) vs DeiT-S, eager"),
     Pair("deit_s_same_embed", "inference", STVIT_DEIT_S, DEIT_S, None, "none (reported)", False, 20,
-         "STViT-DeiT-S(16) vs DeiT-S with the same GEMM patch embedding, eager", base_patch_projection=True),
+         "STViT-DeiT-S(16) vs DeiT-S with the same GEMM patch embedding, eager", patch_gemm=True),
     Pair("deit_s_compile", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", True, 50,
          "STViT-DeiT-S(16) vs DeiT-S, torch.compile"),
     Pair("deit_s_graphs", "inference", STVIT_DEIT_S, DEIT_S, 2.2, ">= 2.2x", True, 50,
@@ -282,8 +282,8 @@ def _model_kwargs(pair: Pair, name: str, settings: Settings) -> Dict[str, Any]:
     if settings.quick:
         kwargs.update(QUICK_SWIN_KWARGS if swin else QUICK_STVIT_DEIT_KWARGS if name.startswith("stvit") else
                       QUICK_DEIT_KWARGS)
-    if pair.base_patch_projection and name == pair.base:
-        kwargs["patch_projection"] = True  # _build_model swaps the projection after timm built the model
+    if pair.patch_gemm:
+        kwargs["patch_gemm"] = True  # _build_model applies the opt-in speed step after timm built the model
     if swin and name.startswith("swin_"):
         # timm's WindowAttention is 'experimental' fused (off unless TIMM_FUSED_ATTN=2): _build_model turns it on
         kwargs["fused_attn"] = True
@@ -298,18 +298,18 @@ def _build_model(name: str, kwargs: Dict[str, Any], device: Any) -> Any:
     import timm
     from timm.models.swin_transformer import WindowAttention
 
-    from stvit_core.layers import use_patch_projection
+    from stvit_core.layers import use_patch_gemm
 
     kwargs = dict(kwargs)
     fused = kwargs.pop("fused_attn", False)
-    patch_projection = kwargs.pop("patch_projection", False)
+    patch_gemm = kwargs.pop("patch_gemm", False)
     with device:  # built on the device: no host-side init of large models
         model = timm.create_model(name, **kwargs)
     if fused:
         for module in model.modules():  # timm's constructor takes no such argument: set it on each attention
             if isinstance(module, WindowAttention):
                 module.fused_attn = True
-    if patch_projection and use_patch_projection(model.patch_embed) is None:
+    if patch_gemm and use_patch_gemm(model) == 0:
         raise ValueError(f"{name}: its patch embedding is not a plain patchifying convolution")
     return model
 

@@ -122,9 +122,10 @@ def test_quick_suite_runs_every_pair_in_its_own_process_and_reports_failures(tmp
     for name in ("deit_s_compile", "deit_s_graphs", "deit_t_graphs", "train_deit_s_compile", "train_deit_s_graphs",
                  "latency_deit_s"):
         assert pairs[name]["compile"] == {"backend": "eager", "mode": None}  # --quick traces only
-    # the fairness pair: only its base has STViT's patch projection
-    assert pairs["deit_s_same_embed"]["models"]["base"]["model_kwargs"]["patch_projection"] is True
-    assert "patch_projection" not in pairs["deit_s"]["models"]["base"]["model_kwargs"]
+    # the patch GEMM is an opt-in speed step: the fairness pair gives it to both models, the others to neither
+    for role in ("stvit", "base"):
+        assert pairs["deit_s_same_embed"]["models"][role]["model_kwargs"]["patch_gemm"] is True
+        assert "patch_gemm" not in pairs["deit_s"]["models"][role]["model_kwargs"]
     assert "compile" not in pairs["deit_s"]
     assert pairs["train_deit_s"]["batch_size"] == 2 and pairs["latency_deit_s"]["batch_size"] == 1
     assert "profile" not in pairs["deit_s"]  # tables go to the profile file, not the JSON
