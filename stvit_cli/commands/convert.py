@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 import click
 
+from ._checks import check_checkpoint_file, check_output_dir, exclusive
 from ._common import (
     LibraryOption,
     echo_json,
@@ -68,11 +69,13 @@ def convert(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_
       stvit convert swin_small --checkpoint STViT-R-Swin-S.pth --output stvit-r-swin-s-release
       stvit convert swin_small --checkpoint cascade_mask_rcnn_swin_small_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.pth --output stvit-r-swin-s-coco
     """
-    from stvit_core.convert import convert_to_directory
-    from stvit_core.errors import InvalidArgumentError
+    # plain arguments first, before stvit_core (torch) is imported: a wrong option or path fails at once
+    exclusive(checkpoint=checkpoint is not None, no_pretrained=no_pretrained)
+    check_output_dir(output, force=force)  # the default output is named by the library, which checks it
+    check_checkpoint_file(checkpoint)
 
-    if checkpoint is not None and no_pretrained:
-        raise InvalidArgumentError("--checkpoint and --no-pretrained exclude each other")
+    from stvit_core.convert import convert_to_directory
+
     source_kwargs = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
     architecture = {k: v for k, v in architecture.items() if v is not None}
     summary = convert_to_directory(

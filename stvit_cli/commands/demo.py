@@ -7,6 +7,7 @@ from typing import Optional
 
 import click
 
+from ._checks import EarlyError, exists_message
 from ._common import echo_json, json_option, positive_int, tokens_option
 
 
@@ -30,6 +31,10 @@ def demo(output: Path, epochs: int, num_semantic_tokens: Optional[int], force: b
       stvit demo
       stvit demo --epochs 10 --output /tmp/demo --force --json
     """
+    # before stvit_core (torch) is imported: an output in use fails at once (as stvit_core.demo says it)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise EarlyError(exists_message(output))
+
     from stvit_core.demo import run_demo
 
     log = None if as_json else click.echo

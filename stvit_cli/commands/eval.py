@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 import click
 
+from ._checks import check_data_folder, check_output_file, invalid
 from ._common import RecordingGroup, device_option, echo_json, json_option, model_option, non_negative_int, positive_int
 
 
@@ -35,16 +36,20 @@ def _common_options(func=None, *, data_help: str = "Folder of class folders (or 
 
 def _run(imagenet: bool, model_spec: str, data: str, batch_size: int, device: Optional[str], workers: int,
          amp: Optional[str], as_json: bool, results_file: Optional[str], force: bool) -> None:
-    from stvit_core.errors import InvalidArgumentError
+    # plain arguments first, before stvit_core (torch) is imported: a wrong path fails at once
+    if results_file and not (results_file.endswith(".csv") or results_file.endswith(".json")):
+        raise invalid(f"--results-file must end in .csv or .json: {results_file}")
+    if results_file:
+        check_output_file(results_file, force=force)
+    elif force:
+        raise invalid("--force applies to --results-file only (the file it replaces)")
+    check_data_folder(data)
+
     from stvit_core.evaluate import evaluate_model, write_results_file
     from stvit_core.files import check_output_path
 
-    if results_file and not (results_file.endswith(".csv") or results_file.endswith(".json")):
-        raise InvalidArgumentError(f"--results-file must end in .csv or .json: {results_file}")
-    if results_file:  # an existing or unwritable file fails now, not after the evaluation
+    if results_file:  # an unwritable file fails now, not after the evaluation
         check_output_path(results_file, force=force)
-    elif force:
-        raise InvalidArgumentError("--force applies to --results-file only (the file it replaces)")
     result = evaluate_model(model_spec, data, imagenet=imagenet, batch_size=batch_size, device=device,
                             workers=workers, amp=amp)
     if not _is_main_process():

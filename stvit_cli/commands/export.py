@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import click
 
+from ._checks import check_output_file, exclusive, invalid
 from ._common import LibraryOption, echo_json, json_option, positive_int, source_model_options
 
 
@@ -49,21 +51,23 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
       stvit export stvit-deit-s --format pt2 --output stvit-deit-s.pt2 --batch-size 1
       stvit export swin_tiny --tokens-per-window 9 --features --output backbone.onnx --no-pretrained
     """
+    # plain arguments first, before stvit_core (torch) is imported: a wrong option or path fails at once
+    exclusive(batch_size=batch_size is not None, dynamic_batch=dynamic_batch)
+    if opset is not None and format_ != "onnx":
+        raise invalid(f"--opset applies to ONNX only, not --format {format_}")
+    suffix = Path(output).suffix.lower()
+    if suffix in (".onnx", ".pt2") and suffix != f".{format_}" and not output.endswith(("/", os.sep)):
+        raise invalid(f"--format {format_} writes a .{format_} file, not {Path(output).name}")
+    check_output_file(output, force=force)  # on the text: Path() drops a trailing separator
+
     from stvit_core import load_model
-    from stvit_core.errors import InvalidArgumentError, require_extra
+    from stvit_core.errors import require_extra
     from stvit_core.export import export_model, features_model
-    from stvit_core.files import check_output_path, refuse_folder_name
+    from stvit_core.files import check_output_path
     from stvit_core.loading import require_stvit
     from stvit_core.onnx_runtime import ONNX_MODULES
 
-    if batch_size is not None and dynamic_batch:
-        raise InvalidArgumentError("--batch-size and --dynamic-batch exclude each other")
-    if opset is not None and format_ != "onnx":
-        raise InvalidArgumentError(f"--opset applies to ONNX only, not --format {format_}")
-    refuse_folder_name(output)  # on the text: Path() drops a trailing separator
     output = Path(output)
-    if output.suffix.lower() in (".onnx", ".pt2") and output.suffix.lower() != f".{format_}":
-        raise InvalidArgumentError(f"--format {format_} writes a .{format_} file, not {output.name}")
     if format_ == "onnx":
         require_extra("export", ONNX_MODULES, "ONNX export")
     check_output_path(output, force=force)  # before the model is built: an existing or unwritable output fails now

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import click
 
+from ._checks import EarlyError, check_output_dir, invalid
 from ._common import echo_json, json_option, quiet_option
 
 
@@ -49,6 +51,9 @@ def push_to_hub(model_dir: str, repo_id: str, private: bool, revision: Optional[
       stvit push-to-hub stvit-deit-s me/stvit-deit-small --revision tokens-36 --private
       stvit push-to-hub stvit-deit-s org/stvit-deit-small --create-pr --json
     """
+    if not Path(model_dir).is_dir():  # before stvit_core (torch) is imported; as stvit_core.hub says it
+        raise EarlyError(f"{Path(model_dir)} is not a directory")
+
     from stvit_core.hub import push_to_hub as push
 
     _quiet_hub(quiet)
@@ -92,12 +97,14 @@ def pull(repo_id: str, revision: Optional[str], output: Optional[str], force: bo
       stvit pull me/stvit-deit-small --revision tokens-36 --output stvit-deit-s-36
       stvit pull me/stvit-deit-small@tokens-36 --json
     """
-    from stvit_core.errors import InvalidArgumentError
+    # plain arguments first, before stvit_core (torch) is imported: a wrong option or path fails at once
+    if force and output is None:
+        raise invalid("--force applies to --output only (the directory it replaces)")
+    check_output_dir(output, force=force)
+
     from stvit_core.hub import pull_from_hub
     from stvit_core.hub_access import split_repo_spec
 
-    if force and output is None:
-        raise InvalidArgumentError("--force applies to --output only (the directory it replaces)")
     repo_id, revision = split_repo_spec(repo_id, revision)
     _quiet_hub(quiet)
     result = pull_from_hub(repo_id, revision=revision, output_dir=output, token=token, force=force)

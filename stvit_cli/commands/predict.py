@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
 
+from ._checks import EarlyError, check_some_input_exists
 from ._common import device_option, echo_json, json_option, positive_int, source_model_options
 
 
@@ -34,6 +36,12 @@ def predict(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_
       stvit predict runs/fm/best shoe.png shirts/
       stvit predict fm.onnx shirts/ --top-k 3 --json
     """
+    # plain arguments first, before stvit_core (torch) is imported: nothing to read fails at once
+    options_given = num_semantic_tokens is not None or semantic_tokens_per_window is not None or recovery
+    if model.lower().endswith(".onnx") and not options_given and not Path(model).is_file():
+        raise EarlyError(f"cannot read {model}: No such file")  # as stvit_core.predict.load_classifier
+    check_some_input_exists(images)
+
     from stvit_core.errors import InvalidArgumentError
     from stvit_core.predict import load_classifier, predict_images
 
