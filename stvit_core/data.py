@@ -278,7 +278,15 @@ def label_names_problem(names: Any, num_classes: Optional[int], *, field: str = 
 
 def build_transform(data_config: Mapping[str, Any], *, training: bool, auto_augment: Optional[str] = None,
                     re_prob: float = 0.0, scale: Tuple[float, float] = (0.08, 1.0), hflip: float = 0.5):
-    """timm's train (RandomResizedCrop, flip, RandAugment, random erasing) or eval (resize + crop) transform."""
+    """timm's train (RandomResizedCrop, flip, RandAugment, random erasing) or eval (resize + crop) transform.
+
+    Images are read as RGB (:func:`stvit_core.images.read_image`): a model that takes another number of input
+    channels cannot run on them, which is said here, before any work, rather than as a shape error mid-run.
+    """
+    channels = data_config["input_size"][0]
+    if channels != 3:
+        raise DataError(f"the model takes {channels}-channel images (in_chans={channels}), but images are read as "
+                        "RGB, 3 channels: build it with in_chans=3 (the default)")
     common = dict(
         input_size=data_config["input_size"],
         interpolation=data_config.get("interpolation", "bicubic"),

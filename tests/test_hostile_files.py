@@ -269,3 +269,39 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"Error: cannot read config file {config}: not UTF-8 text (byte 0xe9 at offset 24)"
     assert not (tmp_path / "out").exists()
+
+
+# --- model arguments the data or the model cannot take ---------------------------------------------------------
+
+TINY_ARGS = ["--model-arg", "img_size=28", "--model-arg", "embed_dim=48", "--model-arg", "depth=6",
+             "--num-classes", "3"]
+
+
+@pytest.mark.parametrize("spec, extra, expected", [
+    ("stvit_deit_tiny_patch16_224", ["--model-arg", "in_chans=1", "--model-arg", "patch_size=4"],
+     "Error: the model takes 1-channel images (in_chans=1), but images are read as RGB, 3 channels: build it with "
+     "in_chans=3 (the default)"),
+    ("stvit_deit_tiny_patch16_224", ["--model-arg", "patch_size=0"], "Error: cannot build stvit_deit_tiny_patch16_224 "
+     "with {'img_size': 28, 'embed_dim': 48, 'depth': 6, 'patch_size': 0, 'num_classes': 3, 'drop_path_rate': 0.1}: "
+     "integer division or modulo by zero"),
+    ("deit_tiny", ["--model-arg", "num_heads=0"], "Error: cannot build deit_tiny with"),
+])
+def test_model_arguments_that_cannot_run_are_one_line_before_training(finished_run, tmp_path, spec, extra, expected):
+    args, _ = finished_run
+    data = args[args.index("-d") + 1]
+    result = run_cli("finetune", "-m", spec, "--no-pretrained", "--tokens", "4", *TINY_ARGS, *extra, "-d", data,
+                     "-o", tmp_path / "out", "--epochs", "1", "-b", "4", "--workers", "0", "--device", "cpu")
+    assert result.returncode in (1, 2)
+    assert result.stderr.strip().startswith(expected), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_with_a_model_of_other_input_channels_is_one_line(tmp_path, image):
+    torch.manual_seed(0)
+    model = timm.create_model("stvit_deit_tiny_patch16_224", **TINY_VIT, num_semantic_tokens=4, in_chans=1)
+    target = stvit_core.save_model(model, tmp_path / "grey")
+    result = run_cli("predict", target, image)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("Error: the model takes 1-channel images (in_chans=1), but images are read as "
+                                     "RGB, 3 channels: build it with in_chans=3 (the default)")
