@@ -47,6 +47,7 @@ from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from .errors import DataError, InvalidArgumentError, StvitError, TrainingInterrupted
 from .evaluate import eval_loader, validate
+from .images import IMAGE_EXTENSIONS
 from .train_models import DistillationLoss, teacher_for
 from .train_outputs import (
     check_output_dir,
@@ -202,6 +203,11 @@ def build_data(cfg: TrainConfig, model: nn.Module, dist: DistInfo) -> TrainData:
     train_tf = stdata.build_transform(data_config, training=True, auto_augment=cfg.aa, re_prob=cfg.reprob,
                                       scale=(cfg.scale_min, 1.0))
     train_set = stdata.folder_dataset(train_dir, train_tf, seed=cfg.seed)
+    # timm's reader leaves out a class folder without images: say so, rather than miscount the classes
+    empty = [name for name in stdata.folder_classes(train_dir) if name not in train_set.class_to_idx]
+    if empty:
+        raise DataError(f"class folder {train_dir / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}): add "
+                        "its images or remove the folder")
     extra = [name for name in stdata.folder_classes(val_dir) if name not in train_set.class_to_idx]
     if extra:
         raise DataError(f"{val_dir}: class folder {extra[0]!r} has no training folder in {train_dir}")

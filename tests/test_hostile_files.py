@@ -305,3 +305,15 @@ def test_predict_with_a_model_of_other_input_channels_is_one_line(tmp_path, imag
     assert result.returncode == 1
     assert result.stderr.strip() == ("Error: the model takes 1-channel images (in_chans=1), but images are read as "
                                      "RGB, 3 channels: build it with in_chans=3 (the default)")
+
+
+def test_an_empty_training_class_folder_is_named_as_empty(finished_run, tmp_path):
+    args, _ = finished_run
+    data = tmp_path / "data"
+    shutil.copytree(args[args.index("-d") + 1], data)
+    for f in (data / "train" / "coat").iterdir():
+        f.unlink()
+    result = run_cli(*args[:3], "-d", data, "-o", tmp_path / "out", *args[7:])
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"Error: class folder {data / 'train' / 'coat'} has no images (.png, ")
+    assert result.stderr.strip().endswith("add its images or remove the folder")
