@@ -9,6 +9,10 @@ changes) hits both; each model's figure is the median over rounds.
 onnxruntime in the same process, with the same alternating rounds and the same result schema. With
 ``latency=True`` every step is timed on its own, which gives the p50/p95 latency of a batch as well
 (:func:`benchmark_batch_sizes` does this for several batch sizes, :func:`plot_batch_sizes` draws it).
+
+A result says how far it can be trusted: the speedup of every round (the rounds are paired, so each round's
+ratio is a speedup measured under the same conditions for both models), their spread, and a one-line warning
+(:func:`speedup_warning`) when the rounds disagree or the speedup is far above the FLOPs ratio.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 from torch.utils.benchmark import Timer
@@ -35,14 +40,20 @@ from .export import to_onnx, trace_model
 from .files import atomic_write_bytes
 from .flops import count_flops, count_params
 from .layers import use_patch_gemm
-from .loading import base_model_for, load_model
+from .loading import architecture_of, base_model_for, load_model
 from .onnx_runtime import ONNX_MODULES, onnx_providers, onnx_session
 
 __all__ = ["RUNTIMES", "BenchmarkSettings", "benchmark_batch_sizes", "benchmark_models", "benchmark_pair",
-           "check_settings", "make_step", "models_for_benchmark", "plot_batch_sizes", "step_factories"]
+           "check_settings", "make_step", "model_label", "models_for_benchmark", "plot_batch_sizes",
+           "speedup_spread", "speedup_warning", "step_factories"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUNTIMES = ("torch", "onnxruntime")
+# When a speedup is not to be trusted: its rounds disagree by more than this factor (max / min of the per-round
+# speedups), or it is more than this many times the FLOPs ratio (a model that does fewer FLOPs per image is
+# rarely faster by much more than it saves; far more is another process slowing the base model's rounds).
+SPREAD_WARNING = 1.25
+FLOPS_RATIO_WARNING = 1.5
 
 
 @dataclass
@@ -331,9 +342,38 @@ def _pair_result(settings: BenchmarkSettings, device: torch.device, input_size: 
             out[name]["latency_ms"] = t["latency_ms"]
     out["speedup"] = round(out["stvit"]["img_per_sec"] / out["base"]["img_per_sec"], 3)
     out["flops_ratio"] = round(flops["base"] / flops["stvit"], 3)
+    rounds = [s / b for b, s in zip(timings["base"]["img_per_sec_rounds"], timings["stvit"]["img_per_sec_rounds"])]
+    out["speedup_rounds"] = [round(r, 3) for r in rounds]
+    out["speedup_spread"] = {k: round(v, 3) for k, v in speedup_spread(rounds).items()}
     if settings.latency:
         out["latency_speedup_p50"] = round(out["base"]["latency_ms"]["p50"] / out["stvit"]["latency_ms"]["p50"], 3)
+    warning = speedup_warning(rounds, out["speedup"], out["flops_ratio"])
+    out["warnings"] = [warning] if warning else []
     return out
+
+
+def speedup_spread(rounds: Sequence[float]) -> Dict[str, float]:
+    """``{min, q1, q3, max}`` of the per-round speedups (q1 and q3: the quartiles, inclusive of the ends)."""
+    if len(rounds) == 1:
+        q1 = q3 = rounds[0]
+    else:
+        q1, _, q3 = statistics.quantiles(rounds, n=4, method="inclusive")
+    return {"min": min(rounds), "q1": q1, "q3": q3, "max": max(rounds)}
+
+
+def speedup_warning(rounds: Sequence[float], speedup: float, flops_ratio: float) -> Optional[str]:
+    """One line saying why ``speedup`` should not be trusted, or None: its per-round speedups ``rounds`` disagree
+    (max / min above :data:`SPREAD_WARNING`), or it exceeds ``flops_ratio`` by more than
+    :data:`FLOPS_RATIO_WARNING` times. Both usually mean other work on the machine during the rounds."""
+    reasons = []
+    if min(rounds) > 0 and max(rounds) / min(rounds) > SPREAD_WARNING:
+        reasons.append(f"its {len(rounds)} rounds range from {min(rounds):.2f}x to {max(rounds):.2f}x")
+    if flops_ratio > 0 and speedup > FLOPS_RATIO_WARNING * flops_ratio:
+        reasons.append(f"it is {speedup / flops_ratio:.1f} times the FLOPs ratio {flops_ratio:.2f}x")
+    if not reasons:
+        return None
+    return (f"speedup {speedup:.2f}x is unreliable: {' and '.join(reasons)} (other work on the machine?); "
+            "rerun on an idle machine or with more rounds")
 
 
 def plot_batch_sizes(results: Sequence[Dict[str, Any]], path: Union[str, os.PathLike],
@@ -371,6 +411,49 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
+
+
+def model_label(model: nn.Module) -> str:
+    """What ``model`` is, for a table or a plot's legend: its architecture and, in brackets, its semantic tokens
+    and where its shape departs from what the name says (input size, patch size, width), e.g.
+    ``stvit_deit_small_patch16_224 (16 tokens)`` or ``deit_tiny_patch16_224 (32 px, patch 8, width 48)``."""
+    arch = architecture_of(model)
+    details = []
+    if getattr(model, "num_semantic_tokens", None):
+        details.append(f"{model.num_semantic_tokens} tokens")
+    if getattr(model, "semantic_tokens_per_window", None):
+        details.append(f"{model.semantic_tokens_per_window} tokens per window")
+    details += _departures_from_name(model, arch)
+    return f"{arch} ({', '.join(details)})" if details else arch
+
+
+def _shape(model: nn.Module) -> Dict[str, Any]:
+    embed = getattr(model, "patch_embed", None)
+    patch, px = getattr(embed, "patch_size", None), getattr(embed, "img_size", None)  # as built, not as tagged
+    px = px or (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (None,))[1:]
+    return {"px": (px, px) if isinstance(px, int) else tuple(px) if px else None,
+            "patch": (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None,
+            "width": getattr(model, "embed_dim", None)}
+
+
+def _departures_from_name(model: nn.Module, arch: str) -> List[str]:
+    """Input size, patch size and width where ``model`` differs from ``arch`` as registered (a saved model built
+    with other ``model_args``), e.g. ``['32 px', 'patch 8']``."""
+    try:
+        with torch.device("meta"):  # the registered shape, without allocating weights
+            default = _shape(timm.create_model(arch, pretrained=False))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):  # not a registered name: nothing to compare
+        return []
+    shape = _shape(model)
+    size = lambda v, unit: f"{'x'.join(map(str, v)) if len(set(v)) > 1 else v[0]}{unit}"  # noqa: E731
+    out = []
+    if shape["px"] and shape["px"] != default["px"]:
+        out.append(size(shape["px"], " px"))
+    if shape["patch"] and shape["patch"] != default["patch"]:
+        out.append("patch " + size(shape["patch"], ""))
+    if shape["width"] and shape["width"] != default["width"]:
+        out.append(f"width {shape['width']}")
+    return out
 
 
 def models_for_benchmark(

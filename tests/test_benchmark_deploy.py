@@ -47,8 +47,10 @@ def test_batch_sizes_table_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     text = _run_ok([*SWEEP, "--batch-sizes", "1,2", "--plot", str(tmp_path / "sweep.png")]).stdout
     lines = text.splitlines()
-    assert "p50 ms" in lines[2] and "p95 ms" in lines[2] and "p50 speedup" in lines[2]
-    assert [ln.split("|")[0].strip() for ln in lines[3:]] == ["1", "2"]
+    assert "p50 ms" in lines[2] and "p95 ms" in lines[2]
+    assert "throughput speedup" in lines[2] and "p50 latency speedup" in lines[2]  # which speedup is which
+    assert [ln.split("|")[0].strip() for ln in lines[3:5]] == ["1", "2"]
+    assert lines[5:] == [f"plot written to {tmp_path / 'sweep.png'}"]
     _assert_png(tmp_path / "sweep.png")
 
     results = json.loads(_run_ok([*SWEEP, "--batch-sizes", "2,1", "--json"]).stdout)
