@@ -88,6 +88,7 @@ def _fresh_hub_constants() -> Dict[str, object]:
 
 
 def _run_in_process(argv: List[str], environment: Dict[str, str], cwd: Optional[Path]) -> CliResult:
+    import click.formatting
     from click.testing import CliRunner
     from huggingface_hub import constants
 
@@ -116,6 +117,9 @@ def _run_in_process(argv: List[str], environment: Dict[str, str], cwd: Optional[
         runner = CliRunner()
         try:
             with runner.isolation() as (out, err, _):
+                # help text wrapped as for a pipe (80 columns unless COLUMNS says otherwise), not click's test width
+                click.formatting.FORCED_WIDTH = None  # the isolation puts the previous value back
+                os.environ.setdefault("COLUMNS", "80")
                 for handler in handlers:  # log lines go to the command's stderr, as in a process of its own
                     handler.setStream(sys.stderr)
                 # pytest's capturing handlers off the root logger: unhandled records reach stderr (logging's

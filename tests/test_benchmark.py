@@ -52,6 +52,7 @@ def test_cli_json_schema_for_a_source_name():
     assert r["labels"] == {"base": "deit_tiny_patch16_224", "stvit": "stvit_deit_tiny_patch16_224 (16 tokens)"}
 
 
+@pytest.mark.slow
 def test_cli_table_and_both_benchmarks(monkeypatch):
     monkeypatch.setattr(benchmark_module, "speedup_warning", lambda *args: "speedup 9.99x is unreliable: test")
     proc = run_cli("benchmark", "deit_tiny", *QUICK, "--bench", "both", check=True)
@@ -71,6 +72,7 @@ def test_cli_benchmark_of_a_saved_model(tmp_path):
     assert r["warnings"] == [] or r["warnings"][0].startswith("speedup")
 
 
+@pytest.mark.slow
 def test_cli_bfloat16_autocast_on_cpu():
     r = json.loads(run_cli("benchmark", "deit_tiny", *QUICK, "--dtype", "bfloat16", "--json", check=True).stdout)
     assert r["dtype"] == "bfloat16" and r["stvit"]["img_per_sec"] > 0

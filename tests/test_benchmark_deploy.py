@@ -43,6 +43,7 @@ def _assert_png(path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # written atomically: no temporary left
 
 
+@pytest.mark.slow
 def test_batch_sizes_table_json_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     text = _run_ok([*SWEEP, "--batch-sizes", "1,2", "--plot", str(tmp_path / "sweep.png")]).stdout

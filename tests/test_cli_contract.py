@@ -497,7 +497,7 @@ def test_usage_errors_are_one_line_with_exit_code_2_in_a_real_process(tmp_path):
     """What a shell sees (not the test runner): one line, code 2, and torch was never imported for it."""
     from .conftest import run_cli
 
-    proc = run_cli("benchmark", "deit_tiny", "--rounds", "0", cwd=tmp_path)
+    proc = run_cli("benchmark", "deit_tiny", "--rounds", "0", cwd=tmp_path, fresh_process=True)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "Error: Invalid value for '--rounds': 0 is not in the range x>=1. (see 'stvit benchmark --help')"]

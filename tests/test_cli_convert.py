@@ -23,7 +23,7 @@ def _no_leftovers(parent):
 def test_convert_from_checkpoint_json_summary_and_reload(tmp_path, tiny_vit_checkpoint):
     out = tmp_path / "stvit-t"
     proc = run_cli("convert", "deit_tiny", "--tokens", "36", "--checkpoint", tiny_vit_checkpoint,
-                   "--output", out, "--json", check=True)
+                   "--output", out, "--json", check=True, fresh_process=True)
     summary = json.loads(proc.stdout)
     assert summary["model"] == "stvit_deit_tiny_patch16_224"
     assert summary["tokens"] == 36
@@ -100,16 +100,7 @@ def test_unreachable_endpoint_fails_fast(tmp_path):
 
 
 def _in_process(args, cwd):
-    from click.testing import CliRunner
-
-    from stvit_cli.main import cli
-
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(cli, [str(a) for a in args], prog_name="stvit")
-    finally:
-        os.chdir(old)
+    return run_cli(*args, cwd=cwd)
 
 
 def test_default_output_names_are_the_ones_the_help_states(tmp_path):
@@ -122,7 +113,7 @@ def test_default_output_names_are_the_ones_the_help_states(tmp_path):
                            (["deit_tiny", "--recovery"], "stvit-r-deit_tiny-t16"),
                            (["swin_tiny", "--tokens-per-window", "4", "--img-size", "64"], "stvit-r-swin_tiny-w4")):
         result = _in_process(["convert", *args, "--no-pretrained", "--json"], tmp_path)
-        assert result.exit_code == 0, result.stderr
+        assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout)["output"] == expected
         assert (tmp_path / expected / "model.safetensors").is_file()
     assert sorted(os.listdir(tmp_path)) == ["stvit-deit_tiny-t36", "stvit-r-deit_tiny-t16", "stvit-r-swin_tiny-w4"]
@@ -131,7 +122,7 @@ def test_default_output_names_are_the_ones_the_help_states(tmp_path):
 def test_a_conversion_that_costs_more_says_more(tmp_path):
     # 196 semantic tokens on 196 patches: the generator adds work, so the model grows
     result = _in_process(["convert", "deit_tiny", "--tokens", "196", "--no-pretrained", "-o", tmp_path / "o"], tmp_path)
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     line = next(ln for ln in result.stdout.splitlines() if "GFLOPs" in ln)
     assert line.endswith("% more)") and "-" not in line.split("(")[1], line
 
@@ -139,7 +130,7 @@ def test_a_conversion_that_costs_more_says_more(tmp_path):
 def test_swin_conversion_uses_the_tokens_per_window_it_was_given(tmp_path):
     result = _in_process(["convert", "swin_tiny", "--tokens-per-window", "16", "--img-size", "64", "--no-pretrained",
                           "-o", tmp_path / "o", "--json"], tmp_path)
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["tokens_per_window"] == 16
     assert stvit_core.load_model(tmp_path / "o").semantic_tokens_per_window == 16
 

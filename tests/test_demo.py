@@ -15,7 +15,7 @@ from .conftest import assert_one_line_error, run_cli
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli("demo", "--output", out, "--epochs", "1", "--json", check=True)
+    proc = run_cli("demo", "--output", out, "--epochs", "1", "--json", check=True, fresh_process=True)
     result = json.loads(proc.stdout)
     assert result["images"] == 500 and result["tokens"] == 16
     assert result["top1"] > 15.0, "one epoch on real data must beat chance (10%)"

@@ -34,20 +34,23 @@ def test_allocator_from_the_mapped_libraries(tmp_path):
     assert memory_allocator(str(tmp_path / "missing")) == LIBC
 
 
+@pytest.mark.slow
 def test_env_and_benchmark_report_the_default_allocator():
     env = {"LD_PRELOAD": ""}  # whatever the caller preloads, this process runs on the C library's malloc
-    assert json.loads(run_cli("env", "--json", env=env, check=True).stdout)["memory_allocator"] == LIBC
+    info = json.loads(run_cli("env", "--json", env=env, check=True, fresh_process=True).stdout)
+    assert info["memory_allocator"] == LIBC
     if LIBC == "glibc":
         proc = run_cli("benchmark", "deit_tiny", "--tokens", "16", "--device", "cpu", "--batch-size", "2",
-                       "--rounds", "1", "--round-time", "0.01", env=env, check=True)
+                       "--rounds", "1", "--round-time", "0.01", env=env, check=True, fresh_process=True)
         assert "| glibc malloc" in proc.stdout.splitlines()[0]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc (Linux)")
 @pytest.mark.parametrize("name", ["jemalloc", "tcmalloc_minimal"])
+@pytest.mark.slow
 def test_a_preloaded_allocator_is_named(name):
     lib = ctypes.util.find_library(name)
     if lib is None:
         pytest.skip(f"lib{name} is not installed (apt-get install libjemalloc2 / libtcmalloc-minimal4)")
-    info = json.loads(run_cli("env", "--json", env={"LD_PRELOAD": lib}, check=True).stdout)
+    info = json.loads(run_cli("env", "--json", env={"LD_PRELOAD": lib}, check=True, fresh_process=True).stdout)
     assert info["memory_allocator"] == name.split("_")[0]

@@ -142,7 +142,7 @@ def test_a_results_file_that_cannot_be_written_or_exists_fails_before_evaluating
 
 @pytest.mark.slow
 def test_eval_bad_inputs(biased_model, tmp_path):
-    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(tmp_path / "missing")])
+    r = cli(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(tmp_path / "missing")], fresh_process=True)
     assert_one_line_error(r, "not found")
     r = cli_in_process(["eval", "imagenet", "-m", str(biased_model[0]), "-d", str(embedded_dataset_path() / "val")])
     assert_one_line_error(r, "not ImageNet-1k synsets")

@@ -307,6 +307,7 @@ def test_without_onnxruntime_export_and_predict_say_which_extra_and_write_nothin
         assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["any.onnx", "out", "shim"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [1, 999])
 def test_an_opset_the_exporter_cannot_write_is_one_line_and_no_file(stvit_dir, tmp_path, opset):
     """torch's exporter builds opset 18 and converts; a failed conversion used to log a traceback and write
@@ -352,6 +353,7 @@ def batch1_onnx(stvit_dir, tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_predict_a_batch_size_other_than_the_files_fixed_batch_is_a_usage_error(batch1_onnx, tmp_path):
     """It used to run at the file's batch of 1 unsaid; without -b the file's batch is still used."""
     onnx_file, _ = batch1_onnx
@@ -364,6 +366,7 @@ def test_predict_a_batch_size_other_than_the_files_fixed_batch_is_a_usage_error(
         assert len(json.loads(result.stdout)["predictions"]) == 3
 
 
+@pytest.mark.slow
 def test_a_failed_opset_names_the_opset_a_default_export_writes(stvit_dir, batch1_onnx, tmp_path):
     """The message used to name the exporter's build opset (18), not what an export without --opset writes."""
     _, written = batch1_onnx

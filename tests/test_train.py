@@ -47,6 +47,7 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_short_finetune_lowers_loss_and_raises_accuracy(small_data, tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(1)

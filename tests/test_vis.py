@@ -283,7 +283,7 @@ def test_cli_draws_the_readable_images_and_names_the_others(tmp_path):
     bad.write_bytes(b"not a png")
     images = _fashion_mnist(3)
     proc = cli(["vis", str(model), *map(str, images), str(bad), str(PHOTO), "--output", str(tmp_path / "out"),
-                "--json", "--sheet"])
+                "--json", "--sheet"], fresh_process=True)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == [f"Error: cannot read image {bad}: cannot identify image file {str(bad)!r}"]
     report = json.loads(proc.stdout)
