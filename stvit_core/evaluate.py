@@ -33,7 +33,8 @@ from .files import atomic_write_bytes
 from .flops import count_flops
 from .loading import load_model
 
-__all__ = ["RESULT_FIELDS", "eval_loader", "evaluate_model", "folder_class_map", "validate", "write_results_file"]
+__all__ = ["RESULT_FIELDS", "eval_loader", "evaluate_model", "folder_class_map", "top5_applies", "validate",
+           "write_results_file"]
 
 RESULT_FIELDS = ["model", "top1", "top5", "loss", "images", "img_per_sec", "params", "gflops", "input_size",
                  "batch_size", "device", "data"]
@@ -55,9 +56,14 @@ def eval_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int
 @torch.no_grad()
 def validate(model: nn.Module, loader: torch.utils.data.DataLoader, dist: DistInfo, *, amp: Optional[str] = None,
              progress: bool = False) -> Dict[str, float]:
-    """Top-1/top-5 accuracy (%), mean cross-entropy and image count, over every process's shard."""
+    """Top-1/top-5 accuracy (%), mean cross-entropy and image count, over every process's shard.
+
+    ``top5`` is None for a model of five classes or fewer, where every image's class is among its top five:
+    the figure would be 100 whatever the model, so it is reported as not applicable.
+    """
 
     model.eval()
+    outputs = getattr(model, "num_classes", None)
     loss_m, top1_m, top5_m = AverageMeter(), AverageMeter(), AverageMeter()
     start = time.perf_counter()
     try:
@@ -67,6 +73,7 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, dist: DistIn
             with autocast(dist.device, amp):
                 logits = model(images)
             logits = logits.float()
+            outputs = logits.shape[-1]
             acc1, acc5 = accuracy(logits, targets, topk=(1, 5))
             loss_m.update(F.cross_entropy(logits, targets).item(), targets.size(0))
             top1_m.update(acc1.item(), targets.size(0))
@@ -81,12 +88,17 @@ def validate(model: nn.Module, loader: torch.utils.data.DataLoader, dist: DistIn
         raise DataError("no images to evaluate")
     return {
         "top1": round(top1_sum / count, 4),  # accuracy() is float32: drop its noise
-        "top5": round(top5_sum / count, 4),
+        "top5": round(top5_sum / count, 4) if top5_applies(outputs) else None,
         "loss": loss_sum / count,
         "images": int(count),
         "seconds": seconds,
         "img_per_sec": count / seconds if seconds > 0 else float("nan"),
     }
+
+
+def top5_applies(num_classes: Optional[int]) -> bool:
+    """Top-5 accuracy says something only with more than five classes (else it is 100 for any model)."""
+    return num_classes is None or num_classes > 5
 
 
 def _preview(names: Sequence[str], n: int = 3) -> str:

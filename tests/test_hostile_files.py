@@ -187,6 +187,7 @@ def finished_run(tmp_path_factory):
             "--device", "cpu"]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
+    (root / "stderr.txt").write_text(result.stderr)
     return args, root / "out" / "checkpoints" / "last.pth"
 
 
@@ -317,3 +318,25 @@ def test_an_empty_training_class_folder_is_named_as_empty(finished_run, tmp_path
     assert result.returncode == 1
     assert result.stderr.strip().startswith(f"Error: class folder {data / 'train' / 'coat'} has no images (.png, ")
     assert result.stderr.strip().endswith("add its images or remove the folder")
+
+
+# --- top-5 accuracy of a model with five classes or fewer ---------------------------------------------------------
+
+def test_top5_of_five_classes_or_fewer_is_not_applicable(finished_run, tmp_path):
+    args, last = finished_run  # 3 classes
+    rows = [json.loads(line) for line in (last.parent.parent / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["top5"] is None and rows[-1]["top1"] is not None
+    assert json.loads((last.parent.parent / "best" / "results.json").read_text())["top5"] is None
+    assert "  top5 n/a  " in (last.parent.parent.parent / "stderr.txt").read_text()  # the epoch line
+    data = args[args.index("-d") + 1]
+    result = run_cli("eval", "folder", "-m", last.parent.parent / "best", "-d", data, "--device", "cpu", "--json",
+                     "--workers", "0", "--results-file", tmp_path / "r.csv")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["top5"] is None
+    assert (tmp_path / "r.csv").read_text().splitlines()[1].split(",")[2] == ""
+
+
+def test_top5_applies_above_five_classes():
+    from stvit_core.evaluate import top5_applies
+
+    assert [top5_applies(n) for n in (1, 5, 6, 1000, None)] == [False, False, True, True, True]

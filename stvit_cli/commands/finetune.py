@@ -274,8 +274,9 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     def report(row: Dict[str, Any]) -> None:
         if verbose:
             ema = f"  ema top1 {row['ema_top1']:.2f}" if row.get("ema_top1") is not None else ""
+            top5 = "n/a" if row["top5"] is None else f"{row['top5']:.2f}"  # five classes or fewer
             click.echo(f"epoch {row['epoch']:>3}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}"
-                       f"  top1 {row['top1']:.2f}  top5 {row['top5']:.2f}{ema}  "
+                       f"  top1 {row['top1']:.2f}  top5 {top5}{ema}  "
                        f"({row['train_img_per_sec']:.0f} img/s)", err=True)
 
     def resuming(where: Dict[str, Any]) -> None:
