@@ -115,8 +115,9 @@ class PyramidEncoder(nn.Module):
         return [x, empty, *maps][: self._depth + 1]
 
 
-def _encoder_kind(name: str, model_kwargs: Mapping[str, Any]) -> str:
-    """``'pyramid'`` (strides 4-32: smp's own timm encoder), ``'plain'`` (stride 16 only: a ViT), or an error."""
+def _encoder_kind(name: str, model_kwargs: Mapping[str, Any]) -> Tuple[str, bool]:
+    """``'pyramid'`` (strides 4-32: smp's own timm encoder) or ``'plain'`` (stride 16 only: a ViT), and whether
+    the model takes ``dynamic_img_size``; a one-line error for anything else."""
     try:
         with torch.device("meta"):
             features = timm.create_model(name, features_only=True, feature_cls="getter", **model_kwargs)
@@ -127,10 +128,11 @@ def _encoder_kind(name: str, model_kwargs: Mapping[str, Any]) -> str:
             f"{name} is an STViT model: its semantic layers keep a few tokens, not a map, so it cannot be a "
             "segmentation encoder; use its STViT-R version (stvit_r_*), which recovers the full-resolution map")
     reductions = list(features.feature_info.reduction())
+    any_size = hasattr(features.model, "dynamic_img_size")
     if reductions[-len(_PYRAMID):] == _PYRAMID or reductions == [2, 4, 8, 16, 32]:
-        return "pyramid"
+        return "pyramid", any_size
     if set(reductions) == {16}:
-        return "plain"
+        return "plain", any_size
     raise InvalidArgumentError(f"{name} gives maps at strides {reductions}; a segmentation encoder needs strides "
                                "4, 8, 16 and 32 (Swin, CNNs) or one stride-16 map (ViT)")
 
@@ -150,22 +152,22 @@ def create_segmentation_model(
     Args:
         arch: the smp architecture.
         encoder: a timm name (``'stvit_r_swin_small_patch4_window7_224'``, ``'stvit_r_deit_small_patch16_224'``,
-            ``'swin_small_patch4_window7_224'``, ``'local-dir:DIR'``...). Models with maps at strides 4-32 (Swin)
-            are smp's ``tu-`` encoders as they are; models with one stride-16 map (STViT-R-DeiT, ViT) get a
+            ``'swin_small_patch4_window7_224'``, ``'local-dir:DIR'``...). Models with maps at strides 4-32 (Swin,
+            CNNs) are smp's ``tu-`` encoders as they are; models with one stride-16 map (STViT-R-DeiT, ViT) get a
             :class:`PyramidEncoder`. STViT (non-R) models are refused.
         classes: output channels (classes, background included).
         pretrained: the encoder's pretrained weights through timm (the release's ImageNet weights for
             STViT-R-Swin-S/B, converted DeiT weights for STViT-R-DeiT); what smp calls ``encoder_weights``.
         model_kwargs: arguments for ``timm.create_model`` (``layout='detection'``, ``embed_dim``...). Without
-            ``img_size`` or ``dynamic_img_size`` the encoder is built with ``dynamic_img_size=True``: any input
-            whose sides are multiples of 32.
+            ``img_size`` or ``dynamic_img_size``, a model that takes ``dynamic_img_size`` (ViT, Swin) is built with
+            it: any input whose sides are multiples of 32.
         smp_kwargs: the architecture's own arguments (``decoder_channels``, ``encoder_depth``, ``in_channels``...).
     """
     smp = _require_smp()
     model_kwargs = dict(model_kwargs or {})
-    if "img_size" not in model_kwargs and "dynamic_img_size" not in model_kwargs:
-        model_kwargs["dynamic_img_size"] = True
-    kind = _encoder_kind(encoder, model_kwargs)
+    kind, any_size = _encoder_kind(encoder, model_kwargs)
+    if any_size and "img_size" not in model_kwargs and "dynamic_img_size" not in model_kwargs:
+        model_kwargs["dynamic_img_size"] = True  # transformers are built for one size unless told otherwise
     if kind == "pyramid":
         return smp.create_model(arch, encoder_name=f"tu-{encoder}", encoder_weights=True if pretrained else None,
                                 classes=classes, **smp_kwargs, **model_kwargs)
@@ -266,7 +268,8 @@ def train_segmentation(
 def evaluate_segmentation(model: nn.Module, dataset: torch.utils.data.Dataset, *,
                           batch_size: int = 8) -> Dict[str, Any]:
     """Mean IoU over classes (``miou``; each class's pixels summed over the whole set first, smp's ``macro``
-    reduction, background included), ``iou`` per class and ``pixel_accuracy`` of ``model`` on ``dataset``."""
+    reduction, background included), ``iou`` per class and ``pixel_accuracy`` of ``model`` on ``dataset``. A
+    class absent from both the masks and the predictions scores 1 (smp's convention)."""
     smp = _require_smp()
     device = next(model.parameters()).device
     num_classes = dataset.num_classes
