@@ -28,6 +28,9 @@ PathLike = Union[str, os.PathLike]
 # OSError): "I/O error: No space left on device (os error 28)" or "IoError(Os { code: 28, ... })".
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)|Os \{ code: (\d+)")
 
+# errno values only a write gives
+_WRITE_ONLY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
 # Where a file system has no hard links, the exclusive final step falls back to check-then-rename.
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS}
 
@@ -235,14 +238,21 @@ def temporary_file(output: Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp
     except Exception as e:
-        about_another_file = isinstance(e, OSError) and e.filename is not None and os.fsdecode(e.filename) != name
-        reason = None if about_another_file else write_failure(e, tmp)
+        reason = None if _about_another_file(e, tmp) else write_failure(e, tmp)
         if reason is not None:
             raise StvitError(f"cannot write {output}: {reason}") from None
         raise
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _about_another_file(error: BaseException, tmp: Path) -> bool:
+    """An OSError about some other file than ``tmp`` (an input that cannot be read). shutil names the source of
+    a copy as the error's file even when the copy's target filled the disk: a full disk is always a write."""
+    if not isinstance(error, OSError) or error.filename is None or error.errno in _WRITE_ONLY_ERRNOS:
+        return False
+    return str(tmp) not in {os.fsdecode(name) for name in (error.filename, error.filename2) if name is not None}
 
 
 def rename_into_place(tmp: Path, output: Path, *, force: bool = True) -> None:

@@ -122,9 +122,9 @@ def test_a_full_disk_under_a_foreign_writer_is_told_by_the_file_system(tmp_path,
 def test_copying_the_best_checkpoint_on_a_full_disk_leaves_no_temporary(tmp_path, monkeypatch):
     (tmp_path / "last.pth").write_bytes(b"x" * 100)
 
-    def full_copy(src, dst, **_):
+    def full_copy(src, dst, **_):  # as shutil does: the error names the source, the target filled the disk
         Path(dst).write_bytes(b"x" * 10)
-        raise OSError(errno.ENOSPC, NO_SPACE)
+        raise OSError(errno.ENOSPC, NO_SPACE, str(src), None, str(dst))
 
     monkeypatch.setattr(files.shutil, "copyfile", full_copy)
     with pytest.raises(StvitError, match=f"^cannot write {tmp_path / 'best.pth'}: {NO_SPACE}$"):
@@ -148,11 +148,12 @@ def test_a_demo_that_fails_leaves_no_output_folder(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MB tmpfs, where the machine lets the tests mount one."""
+def small_disk(tmp_path, request):
+    """A real tmpfs (2 MB unless the test parametrizes another size), where the machine lets the tests mount one."""
     mount = tmp_path / "full"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+    size = getattr(request, "param", "2m")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
@@ -167,6 +168,24 @@ def test_convert_onto_a_real_full_disk(small_disk):
     result = run_cli("convert", "deit_tiny", "--no-pretrained", "-o", out)
     assert_one_line_error(result, f"cannot write {out}: {NO_SPACE}")
     assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small_disk", ["3500k"], indirect=True)  # room for best/ and last.pth, not its copy
+@pytest.mark.xfail(reason="stvit_core.train copies best.pth with shutil; files.copy_file names it and cleans up",
+                   strict=False)
+def test_finetune_onto_a_real_full_disk_names_the_file_and_leaves_no_temporary(small_disk, tmp_path):
+    from .train_utils import make_subset
+
+    data = make_subset(tmp_path / "data", 10, 5)
+    out = small_disk / "run"
+    result = run_cli("finetune", "-m", "stvit_deit_tiny_patch16_224", "--no-pretrained", "--tokens", "4",
+                     "--model-arg", "img_size=28", "--model-arg", "patch_size=4", "--model-arg", "embed_dim=48",
+                     "--model-arg", "depth=6", "--model-arg", "num_heads=2", "--model-arg", "num_image_blocks=2",
+                     "--num-classes", "10", "-d", data, "-o", out, "--epochs", "1", "-b", "10", "--workers", "0",
+                     "--quiet")
+    assert_one_line_error(result, f"cannot write {out / 'checkpoints' / 'best.pth'}: {NO_SPACE}")
+    assert [p.name for p in out.rglob(".*")] == []
 
 
 # ------------------------------------------------------------------------------------------------ SIGTERM
