@@ -24,7 +24,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
 from .checkpoint import load_state_dict_file, looks_like_stvit, save_model, state_dict_mismatch
-from .errors import CheckpointError, DownloadError, InvalidArgumentError, OutputExistsError, first_line
+from .errors import CheckpointError, DownloadError, InvalidArgumentError, OutputExistsError, StvitError, first_line
 from .flops import count_flops, count_params
 from .hub_access import require_pretrained_weights
 from .models.deit import checkpoint_filter_fn as deit_checkpoint_filter_fn
@@ -211,6 +211,8 @@ def _build_converted(source: nn.Module, arch: str, args: Dict[str, Any], filter_
     try:
         model = timm.create_model(arch, pretrained=False, **args)
         state_dict = filter_fn(source.state_dict(), model)
+    except StvitError:  # already one line naming its parameter
+        raise
     except ValueError as e:  # an argument the architecture cannot take, or a source of another depth
         raise InvalidArgumentError(str(e)) from None
     _load_strictly(model, state_dict, "conversion left weights unmatched")

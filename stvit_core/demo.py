@@ -118,7 +118,8 @@ def run_demo(
         best = Path(trained["output"]) / "best"
 
         result = evaluate_model(str(best), str(data), imagenet=False, batch_size=100, workers=0)
-        log(f"[3/4] eval on {result['images']} validation images: top-1 {result['top1']:.1f}%, top-5 {result['top5']:.1f}%")
+        log(f"[3/4] eval on {result['images']} validation images: top-1 {result['top1']:.1f}%, top-5 "
+            + ("n/a" if result["top5"] is None else f"{result['top5']:.1f}%"))
         bench, bench_s = _benchmark(source, stvit, num_semantic_tokens, log)
         summary = {
             "output": str(output), "model": str(best), "tokens": num_semantic_tokens, "epochs": epochs,

@@ -60,8 +60,9 @@ def features_model(model: nn.Module) -> nn.Module:
     architecture = architecture_of(model)
     if not architecture.startswith("stvit_r_"):
         raise InvalidArgumentError(
-            f"features_only needs an STViT-R model (stvit_r_*): {architecture} ends on its semantic tokens and "
-            "has no full-resolution feature maps (convert with --recovery, or a Swin model)")
+            f"{{features_only}} needs an STViT-R model (stvit_r_*): {architecture} ends on its semantic tokens and "
+            "has no full-resolution feature maps (convert with {recovery=}, or a Swin model)", features_only=True,
+            recovery=True)
     with tempfile.TemporaryDirectory(prefix="stvit-features-") as tmp:
         save_model(model, Path(tmp) / "model")
         return load_saved_model(Path(tmp) / "model", features_only=True).eval()

@@ -45,7 +45,7 @@ from .convert import (
 from .errors import CheckpointError, DownloadError, InvalidArgumentError, StvitError, first_line
 from .hub_access import require_pretrained_weights
 
-__all__ = ["architecture_of", "base_model_for", "is_stvit", "load_model", "require_stvit"]
+__all__ = ["architecture_of", "base_model_for", "is_stvit", "load_model"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,6 +59,7 @@ def load_model(
     pretrained: bool = True,
     checkpoint: Optional[PathLike] = None,
     convert: Optional[bool] = None,
+    stvit_only: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """The model ``spec`` names (see the module docstring), ready to use.
@@ -73,6 +74,8 @@ def load_model(
         checkpoint: a local weights file for a name (``.safetensors``, ``.pth``...; never unpickles code).
         convert: True converts a source name even without token options; None (default) converts it only when
             a token option or ``recovery`` is given; a saved model or ``stvit_*`` name is never converted.
+        stvit_only: refuse what is not an STViT model (a source name without token options, a saved plain timm
+            model) in one line, before anything is downloaded.
         **kwargs: go to ``timm.create_model`` (``num_classes``, ``img_size``, ``drop_path_rate``,
             ``features_only``...). For a converted source name, ``num_classes`` resets the converted head and
             ``drop_path_rate`` goes to the STViT model; the others shape the source.
@@ -81,18 +84,22 @@ def load_model(
     """
     spec = str(spec)
     try:
-        return _load(spec, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
-                     recovery=recovery, pretrained=pretrained, checkpoint=checkpoint, convert=convert, **kwargs)
+        model = _load(spec, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
+                      recovery=recovery, pretrained=pretrained, checkpoint=checkpoint, convert=convert,
+                      stvit_only=stvit_only, **kwargs)
     except StvitError:  # already one line about what the user gave
         raise
     except (AssertionError, TypeError, ValueError, ZeroDivisionError) as e:  # how timm constructors reject shapes
         given = f" with {kwargs}" if kwargs else ""
         raise InvalidArgumentError(f"cannot build {spec}{given}: {first_line(e)}") from None
+    if stvit_only and not is_stvit(model):
+        raise _not_stvit(spec, architecture_of(model))
+    return model
 
 
 def _load(spec: str, *, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
           recovery: Optional[bool], pretrained: bool, checkpoint: Optional[PathLike], convert: Optional[bool],
-          **kwargs: Any) -> nn.Module:
+          stvit_only: bool, **kwargs: Any) -> nn.Module:
     conversion = {k: v for k, v in dict(num_semantic_tokens=num_semantic_tokens,
                                          semantic_tokens_per_window=semantic_tokens_per_window,
                                          recovery=recovery or None).items() if v is not None}
@@ -114,6 +121,8 @@ def _load(spec: str, *, num_semantic_tokens: Optional[int], semantic_tokens_per_
         return _named_stvit(spec, conversion, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     name = resolve_source_name(spec)  # unknown names fail here
     if not conversion and not convert:
+        if stvit_only:
+            raise _not_stvit(spec, name.split(".")[0])
         return load_source_model(name, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     return _converted(name, conversion, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 
@@ -192,14 +201,11 @@ def is_stvit(model: nn.Module) -> bool:
     return architecture_of(model).startswith("stvit_")
 
 
-def require_stvit(model: nn.Module, spec: PathLike) -> nn.Module:
-    """``model``, or a one-line error when it is not an STViT model (a source name given without token options)."""
-    if not is_stvit(model):
-        raise InvalidArgumentError(
-            f"{spec} is not an STViT model (architecture {architecture_of(model)}): convert it first with 'stvit "
-            "convert', or give a source name with {num_semantic_tokens} / {semantic_tokens_per_window} to convert it "
-            "on the fly", num_semantic_tokens=None, semantic_tokens_per_window=None)
-    return model
+def _not_stvit(spec: str, architecture: str) -> InvalidArgumentError:
+    return InvalidArgumentError(
+        f"{spec} is not an STViT model (architecture {architecture}): convert it first with 'stvit convert', or give "
+        "a source name with {num_semantic_tokens} / {semantic_tokens_per_window} to convert it on the fly",
+        num_semantic_tokens=None, semantic_tokens_per_window=None)
 
 
 def base_model_for(model: nn.Module, source_name: Optional[str] = None) -> nn.Module:

@@ -23,7 +23,7 @@ from .data import build_transform, class_names, model_data_config
 from .device import resolve_device
 from .errors import DataError, InvalidArgumentError
 from .images import find_images, read_image
-from .loading import load_model, require_stvit
+from .loading import load_model
 from .onnx_runtime import onnx_data_config, onnx_providers, onnx_session, read_onnx_metadata
 
 __all__ = ["OnnxClassifier", "TorchClassifier", "load_classifier", "predict_images"]
@@ -96,7 +96,7 @@ def load_classifier(spec: str, *, device: Optional[str] = None, **model_kwargs: 
         if not Path(spec).is_file():
             raise DataError(f"cannot read {spec}: No such file")
         return OnnxClassifier(spec, device=device)
-    return TorchClassifier(require_stvit(load_model(spec, **model_kwargs), spec).eval(), device=device)
+    return TorchClassifier(load_model(spec, stvit_only=True, **model_kwargs).eval(), device=device)
 
 
 def _top_k(probabilities: torch.Tensor, k: int, names: Optional[Sequence[str]]) -> List[List[Dict[str, Any]]]:

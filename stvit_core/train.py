@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -47,6 +45,7 @@ from .device import autocast
 from .distributed import DistInfo, all_reduce_sum, barrier, setup_distributed
 from .errors import DataError, InvalidArgumentError, StvitError, TrainingInterrupted
 from .evaluate import eval_loader, validate
+from .files import copy_file
 from .images import IMAGE_EXTENSIONS
 from .train_models import DistillationLoss, teacher_for
 from .train_outputs import (
@@ -378,8 +377,7 @@ def end_epoch(state: TrainState, data: TrainData, cfg: TrainConfig, dist: DistIn
     state.start_epoch_meters()
     last = state.save(out / "checkpoints" / "last.pth", dist, dataclasses.asdict(cfg))
     if is_best and dist.is_main:
-        shutil.copyfile(last, out / "checkpoints" / ".best.tmp")
-        os.replace(out / "checkpoints" / ".best.tmp", out / "checkpoints" / "best.pth")
+        copy_file(last, out / "checkpoints" / "best.pth")
     return row
 
 
@@ -430,7 +428,7 @@ def train(
     config = {**dataclasses.asdict(cfg), "resolved_lr": opt.lr, "global_batch": opt.global_batch,
               "world_size": dist.world_size, **model_record(model), "classes": data.class_names,
               "input_size": list(data.data_config["input_size"]), **dict(extra_config or {})}
-    with output_directory(out, dist), StopSignal() as stop:
+    with output_directory(out, dist, resume=bool(resume), force=force), StopSignal() as stop:
         if dist.is_main and (not resume or state.epoch < cfg.epochs):  # a finished run's record stays as it is
             write_yaml(out / "config.yaml", config)
         while state.epoch < cfg.epochs:

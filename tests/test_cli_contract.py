@@ -297,7 +297,7 @@ CATALOGUE: List[Tuple[str, List[str], int, Tuple[str, ...], tuple]] = [
     ("vis-device-tpu", [*VIS, "--device", "tpu"], USAGE, ("--device",), ()),
     ("vis-device-cuda-missing", [*VIS, "--device", "cuda"], INVALID, ("CUDA is not available",),
      (pytest.mark.skipif(HAS_CUDA, reason="this machine has CUDA"),)),
-    ("vis-tokens-for-a-saved-model", [*VIS, "--tokens", "16"], INVALID, ("--tokens applies when",), ()),
+    ("vis-tokens-for-a-saved-model", [*VIS, "--tokens", "16"], INVALID, ("--tokens 16 cannot apply to a saved model",), ()),
     ("vis-swin-tokens", ["vis", "swin_tiny", "{in}/image.png", "-o", "{out}/vis", "--tokens", "16"], INVALID,
      ("--tokens is for DeiT/ViT",), ()),
     ("vis-deit-tokens-per-window", ["vis", "deit_tiny", "{in}/image.png", "-o", "{out}/vis", "--tokens-per-window",

@@ -172,8 +172,6 @@ def test_convert_onto_a_real_full_disk(small_disk):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("small_disk", ["3500k"], indirect=True)  # room for best/ and last.pth, not its copy
-@pytest.mark.xfail(reason="stvit_core.train copies best.pth with shutil; files.copy_file names it and cleans up",
-                   strict=False)
 def test_finetune_onto_a_real_full_disk_names_the_file_and_leaves_no_temporary(small_disk, tmp_path):
     from .train_utils import make_subset
 

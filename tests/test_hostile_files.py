@@ -334,6 +334,9 @@ def test_top5_of_five_classes_or_fewer_is_not_applicable(finished_run, tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["top5"] is None
     assert (tmp_path / "r.csv").read_text().splitlines()[1].split(",")[2] == ""
+    text = run_cli("eval", "folder", "-m", last.parent.parent / "best", "-d", data, "--device", "cpu", "--workers", "0")
+    assert text.returncode == 0, text.stderr
+    assert "  top-5 n/a  " in text.stdout
 
 
 def test_top5_applies_above_five_classes():

@@ -72,7 +72,8 @@ def _is_main_process() -> bool:
 
 def _print(result: Dict[str, Any]) -> None:
     gflops = "n/a" if result["gflops"] is None else f"{result['gflops']:.3f}"
-    click.echo(f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+    top5 = "n/a" if result["top5"] is None else f"{result['top5']:.2f}%"  # five classes or fewer: always 100
+    click.echo(f"{result['model']}: top-1 {result['top1']:.2f}%  top-5 {top5}  "
                f"loss {result['loss']:.4f}  on {result['images']} images")
     click.echo(f"  {result['img_per_sec']:.1f} img/s on {result['device']} (batch {result['batch_size']}), "
                f"{result['params'] / 1e6:.2f} M params, {gflops} GFLOPs at {result['input_size']}")

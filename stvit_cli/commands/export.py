@@ -64,16 +64,14 @@ def export(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_w
     from stvit_core.errors import require_extra
     from stvit_core.export import export_model, features_model
     from stvit_core.files import check_output_path
-    from stvit_core.loading import require_stvit
     from stvit_core.onnx_runtime import ONNX_MODULES
 
     output = Path(output)
     if format_ == "onnx":
         require_extra("export", ONNX_MODULES, "ONNX export")
     check_output_path(output, force=force)  # before the model is built: an existing or unwritable output fails now
-    stvit = require_stvit(load_model(model, num_semantic_tokens=num_semantic_tokens,
-                                     semantic_tokens_per_window=semantic_tokens_per_window, recovery=recovery,
-                                     pretrained=not no_pretrained), model).eval()
+    stvit = load_model(model, num_semantic_tokens=num_semantic_tokens, semantic_tokens_per_window=semantic_tokens_per_window,
+                       recovery=recovery, pretrained=not no_pretrained, stvit_only=True).eval()
     if features_only:
         stvit = features_model(stvit)
     result = export_model(stvit, output, format=format_, batch_size=batch_size, opset=opset, force=force)

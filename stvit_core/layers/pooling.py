@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 
+from ..errors import InvalidArgumentError
+
 __all__ = [
     "adaptive_pool_index",
     "gather_max",
@@ -30,7 +32,8 @@ def semantic_grid(num_semantic_tokens: int) -> int:
     """Side of the square grid of ``num_semantic_tokens`` semantic tokens (16 -> 4, 36 -> 6, ...)."""
     side = math.isqrt(num_semantic_tokens)
     if num_semantic_tokens < 1 or side * side != num_semantic_tokens:
-        raise ValueError(f"num_semantic_tokens must be a perfect square (4, 9, 16, 36, ...), got {num_semantic_tokens}")
+        raise InvalidArgumentError(f"{{num_semantic_tokens}} must be a perfect square (4, 9, 16, 36, ...), got "
+                                   f"{num_semantic_tokens}", num_semantic_tokens=num_semantic_tokens)
     return side
 
 

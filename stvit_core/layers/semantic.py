@@ -26,6 +26,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models import register_notrace_function
 
+from ..errors import InvalidArgumentError
 from .attention import CrossAttentionBlock
 from .pooling import (
     adaptive_pool_index,
@@ -164,8 +165,9 @@ class SemanticTokenGenerator(nn.Module):
     def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
         """Build for another image-token grid (timm's ``set_input_size``)."""
         if self.num_semantic_tokens > grid_size[0] * grid_size[1]:
-            raise ValueError(f"num_semantic_tokens={self.num_semantic_tokens} exceeds the "
-                             f"{grid_size[0]}x{grid_size[1]}={grid_size[0] * grid_size[1]} image tokens")
+            raise InvalidArgumentError(f"{{num_semantic_tokens=}} exceeds the {grid_size[0]}x{grid_size[1]}="
+                                       f"{grid_size[0] * grid_size[1]} image tokens",
+                                       num_semantic_tokens=self.num_semantic_tokens)
         self.grid_size = tuple(grid_size)
         self.init_non_persistent_buffers()
 

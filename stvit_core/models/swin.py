@@ -62,6 +62,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint
 from timm.models.vision_transformer import init_weights_vit_timm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ..errors import InvalidArgumentError
 from ..layers import (
     DETECTION_NEIGHBOURHOODS,
     DUMBBELL_UNIT_DEPTH,
@@ -305,11 +306,11 @@ def _check_semantic_args(tokens_per_window: int, window_size: Any, semantic_stag
     try:
         side = semantic_grid(tokens_per_window)
     except ValueError:
-        raise ValueError(
-            f"semantic_tokens_per_window must be a perfect square (4, 9, 16...), got {tokens_per_window}"
-        ) from None
+        raise InvalidArgumentError(f"{{semantic_tokens_per_window}} must be a perfect square (4, 9, 16...), got "
+                                   f"{tokens_per_window}", semantic_tokens_per_window=tokens_per_window) from None
     if side > window_size:
-        raise ValueError(f"{tokens_per_window} semantic tokens per window do not fit a {window_size}x{window_size} window")
+        raise InvalidArgumentError(f"{{semantic_tokens_per_window=}}: that many semantic tokens do not fit a "
+                                   f"{window_size}x{window_size} window", semantic_tokens_per_window=tokens_per_window)
     if not 0 <= semantic_stage < len(depths):
         raise ValueError(f"semantic_stage {semantic_stage} is not one of the {len(depths)} stages")
     if depths[semantic_stage] < DUMBBELL_UNIT_DEPTH or depths[semantic_stage] % DUMBBELL_UNIT_DEPTH:
