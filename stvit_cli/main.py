@@ -117,18 +117,6 @@ def _compile_failure(error: BaseException) -> Optional[BaseException]:
     return None
 
 
-def _quiet_warnings(callback: Optional[Callable[..., Any]]) -> Callable[..., Any]:
-    """A ``--quiet`` option's callback that also silences Python warnings for the command (the group's invoke
-    puts the filters back when it ends); DataLoader workers, forked or spawned, inherit the setting."""
-    def silence(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        if value:
-            warnings.simplefilter("ignore")
-            os.environ["PYTHONWARNINGS"] = "ignore"
-        return callback(ctx, param, value) if callback is not None else value
-
-    return silence
-
-
 class StvitGroup(RecordingGroup):
     """The top-level group: turns every error a user can cause into one line on stderr and an exit code."""
 
@@ -257,16 +245,7 @@ def _register_commands() -> None:
     from .commands import COMMANDS
 
     for command in COMMANDS:
-        _quiet_means_no_warnings(command)
         cli.add_command(command)
-
-
-def _quiet_means_no_warnings(command: click.Command) -> None:
-    for param in command.params:
-        if isinstance(param, click.Option) and param.name == "quiet":
-            param.callback = _quiet_warnings(param.callback)
-    for sub in getattr(command, "commands", {}).values():
-        _quiet_means_no_warnings(sub)
 
 
 _register_commands()

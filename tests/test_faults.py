@@ -21,7 +21,8 @@ import torch
 from click.testing import CliRunner
 from safetensors import SafetensorError
 
-from stvit_cli.main import StvitGroup, _handle_sigterm, _quiet_means_no_warnings, cli
+from stvit_cli.commands._common import quiet_option
+from stvit_cli.main import StvitGroup, _handle_sigterm, cli
 from stvit_core import files
 from stvit_core.checkpoint import save_model
 from stvit_core.demo import run_demo
@@ -388,12 +389,11 @@ def test_a_newline_in_a_path_stays_on_the_error_line(tmp_path):
 
 def test_quiet_silences_python_warnings_for_the_command():
     @click.command()
-    @click.option("--quiet", "-q", is_flag=True, default=None)
+    @quiet_option
     def noisy(quiet) -> None:
         warnings.warn("This DataLoader will create 64 worker processes in total", UserWarning)
         click.echo(f"PYTHONWARNINGS={os.environ.get('PYTHONWARNINGS')}")
 
-    _quiet_means_no_warnings(noisy)
     group = group_with(noisy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -417,7 +417,7 @@ def test_every_quiet_option_of_the_cli_silences_warnings():
             yield from quiet_options(sub)
 
     options = list(quiet_options(cli))
-    assert options and all(o.callback is not None and o.callback.__name__ == "silence" for o in options)
+    assert options and all(o.callback is not None and o.callback.__name__ == "_quiet_callback" for o in options)
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

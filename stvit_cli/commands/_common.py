@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import warnings
 from typing import Any, Callable, Optional
 
 import click
@@ -56,8 +58,21 @@ def json_option(func: F) -> F:
                         help="Print one JSON object on stdout and nothing else (errors still go to stderr).")(func)
 
 
+def silence_warnings() -> None:
+    """No Python warnings for the rest of the command (the group puts the filters back when it ends); DataLoader
+    workers, forked or spawned, inherit the setting."""
+    warnings.simplefilter("ignore")
+    os.environ["PYTHONWARNINGS"] = "ignore"
+
+
+def _quiet_callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value:
+        silence_warnings()
+    return value
+
+
 def quiet_option(func: F) -> F:
-    return click.option("--quiet", "-q", is_flag=True, default=None,
+    return click.option("--quiet", "-q", is_flag=True, default=None, callback=_quiet_callback,
                         help="No progress bars, per-step lines or library warnings.")(func)
 
 

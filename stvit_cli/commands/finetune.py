@@ -21,6 +21,7 @@ from ._common import (
     positive_int,
     probability,
     quiet_option,
+    silence_warnings,
     tokens_option,
     tokens_per_window_option,
     unit_interval_open_at_zero,
@@ -244,6 +245,8 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
     overrides = dict(options, data=data, output=output, recipe=recipe, compile=compile_)
     from_file: Dict[str, str] = {}
     cfg = st.resolve_config(recipe, config_file, overrides, convert=_config_converter(ctx, config_file, from_file))
+    if cfg.quiet:  # also when the config file says quiet: true
+        silence_warnings()
     _check_dependent_options(ctx, cfg, config_file, from_file)
     kwargs = _parse_model_args(model_args)
 
