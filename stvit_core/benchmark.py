@@ -30,6 +30,7 @@ import numpy as np
 import timm
 import torch
 import torch.nn as nn
+from timm.utils.model import reparameterize_model
 from torch.utils.benchmark import Timer
 
 from .checkpoint import names_a_saved_model
@@ -71,6 +72,7 @@ class BenchmarkSettings:
     runtime: str = "torch"  # or 'onnxruntime': both models exported to ONNX
     latency: bool = False  # time every step on its own: p50/p95 latency of a batch besides throughput
     patch_gemm: bool = False  # both models' patch embeddings as a gather + GEMM (stvit_core.layers.use_patch_gemm)
+    reparam: bool = False  # both models reparameterised for inference (timm's reparameterize_model: folded BatchNorm)
 
 
 def check_settings(settings: BenchmarkSettings) -> torch.device:
@@ -90,6 +92,8 @@ def check_settings(settings: BenchmarkSettings) -> torch.device:
         raise InvalidArgumentError(f"unknown runtime {settings.runtime!r} (expected {' or '.join(RUNTIMES)})")
     if settings.runtime == "onnxruntime":
         return _check_onnxruntime_settings(settings)
+    if settings.reparam and settings.bench != "inference":  # folded BatchNorm has no statistics left to train
+        raise InvalidArgumentError("{reparam=} applies to inference only, not {bench=}", reparam=True, bench=settings.bench)
     device = resolve_device(settings.device)
     if settings.cuda_graphs and device.type != "cuda":
         raise InvalidArgumentError("{cuda_graphs=} needs a CUDA device", cuda_graphs=True)
@@ -297,9 +301,11 @@ def benchmark_batch_sizes(
     flops = {"base": count_flops(base, input_size), "stvit": count_flops(stvit, input_size)}
     params = {"base": count_params(base), "stvit": count_params(stvit)}
     models = {"base": base, "stvit": stvit}
-    if settings.patch_gemm:  # a speed step given to both models alike (in place), so the ratio stays fair
-        for model in models.values():
+    for model in models.values():  # speed steps are given to both models alike (in place), so the ratio stays fair
+        if settings.patch_gemm:
             use_patch_gemm(model)
+        if settings.reparam:
+            reparameterize_model(model, inplace=True)
     factories = step_factories(models, input_size, settings)
     results = []
     for batch_size in batch_sizes:
@@ -321,6 +327,7 @@ def _pair_result(settings: BenchmarkSettings, device: torch.device, input_size: 
         "cuda_graphs": settings.cuda_graphs,
         "channels_last": settings.channels_last,
         "patch_gemm": settings.patch_gemm,
+        "reparam": settings.reparam,
         "input_size": list(input_size),
         "threads": torch.get_num_threads(),
         "memory_allocator": memory_allocator(),

@@ -78,6 +78,9 @@ class ThreadCount(click.IntRange):
 @click.option("--patch-gemm", is_flag=True,
               help="Both models' patch embeddings as a patch gather + one GEMM (faster than cuDNN's bf16 kernel on "
                    "CUDA; the convolution elsewhere).")
+@click.option("--reparam", is_flag=True,
+              help="Both models reparameterised for inference first (timm's reparameterize_model: the conv stem's "
+                   "BatchNorm folded into its convolutions). Inference only.")
 @click.option("--rounds", type=positive_int(), default=5, show_default=True, metavar="N",
               help="Alternating timing rounds (the median is reported).")
 @click.option("--round-time", type=positive_float(), default=1.0, show_default=True, metavar="SECONDS",
@@ -98,7 +101,7 @@ class ThreadCount(click.IntRange):
 @json_option
 def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_per_window: Optional[int],
               recovery: bool, batch_size: int, device: Optional[str], dtype: str, bench: str, compile_: bool,
-              cuda_graphs: bool, channels_last: bool, patch_gemm: bool, rounds: int, round_time: float, threads: Optional[int],
+              cuda_graphs: bool, channels_last: bool, patch_gemm: bool, reparam: bool, rounds: int, round_time: float, threads: Optional[int],
               runtime: str, batch_sizes: Optional[Tuple[int, ...]], plot: Optional[Path], force: bool,
               as_json: bool) -> None:
     """Time MODEL's base version and its STViT version with identical settings.
@@ -154,7 +157,7 @@ def benchmark(model: str, num_semantic_tokens: Optional[int], semantic_tokens_pe
     runs = [
         BenchmarkSettings(
             batch_size=batch_size, device=device, dtype=dtype, bench=kind, compile=compile_,
-            cuda_graphs=cuda_graphs, channels_last=channels_last, patch_gemm=patch_gemm, rounds=rounds, min_round_time=round_time,
+            cuda_graphs=cuda_graphs, channels_last=channels_last, patch_gemm=patch_gemm, reparam=reparam, rounds=rounds, min_round_time=round_time,
             runtime=runtime, latency=bool(batch_sizes),
         )
         for kind in (["inference", "train"] if bench == "both" else [bench])
