@@ -286,6 +286,10 @@ TINY_ARGS = ["--model-arg", "img_size=28", "--model-arg", "embed_dim=48", "--mod
      "with {'img_size': 28, 'embed_dim': 48, 'depth': 6, 'patch_size': 0, 'num_classes': 3, 'drop_path_rate': 0.1}: "
      "integer division or modulo by zero"),
     ("deit_tiny", ["--model-arg", "num_heads=0"], "Error: cannot build deit_tiny with"),
+    # a setting with its own option: one of two values would silently win
+    ("deit_tiny", ["--model-arg", "drop_path_rate=0.3"], "Error: --model-arg drop_path_rate: set it with --drop-path"),
+    ("deit_tiny", ["--model-arg", "num_classes=3"],
+     "Error: --model-arg num_classes and --num-classes both set the head: give --num-classes only"),
 ])
 def test_model_arguments_that_cannot_run_are_one_line_before_training(finished_run, tmp_path, spec, extra, expected):
     args, _ = finished_run
