@@ -141,16 +141,21 @@ def test_output_file_lines_are_the_library_lines(paths):
 
 
 def test_output_folder_lines_are_the_library_lines(paths):
-    def enter():
-        with atomic_directory(paths / "full"):
+    def enter_at(path, force=False):
+        with atomic_directory(path, force=force):
             pass
 
     assert _early_message(lambda: _checks.check_output_dir(paths / "full", force=False)) == _library_message(
-        enter, OutputExistsError)
-    early = _early_message(lambda: _checks.check_output_dir(paths / "full", force=False, empty_is_free=True))
+        lambda: enter_at(paths / "full"), OutputExistsError)
+    early = _early_message(lambda: _checks.check_figures_folder(paths / "full", force=False))
     assert early == _library_message(lambda: check_vis_output(paths / "full"), OutputExistsError)
-    _checks.check_output_dir(paths / "model", force=False, empty_is_free=True)  # empty: used as it is
+    _checks.check_figures_folder(paths / "model", force=False)  # empty: used as it is
+    _checks.check_figures_folder(paths / "a-file", force=False)  # not a folder: the library says what is wrong
     _checks.check_output_dir(paths / "full", force=True)
+    (paths / "dangling").symlink_to(paths / "nowhere")  # something in the way, for the library too
+    for check, library in ((_checks.check_output_dir, enter_at), (_checks.check_output_file, check_output_path)):
+        assert _early_message(lambda: check(paths / "dangling", force=False)) == _library_message(
+            lambda: library(paths / "dangling"), OutputExistsError)
 
 
 def test_input_lines_are_the_library_lines(paths):

@@ -61,7 +61,7 @@ def check_data_folder(spec: str) -> None:
 
 def check_output_file(output: PathLike, *, force: bool) -> None:
     """stvit_core.files.check_output_path, the part that reads no more than the path: a name ending in a path
-    separator, a folder, an existing file without --force."""
+    separator, a folder, an existing file (a dangling symbolic link too) without --force."""
     text = os.fspath(output)
     if isinstance(text, str) and text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
         suffix = "".join(Path(text).suffixes) or ".onnx"
@@ -70,19 +70,21 @@ def check_output_file(output: PathLike, *, force: bool) -> None:
     path = Path(output)
     if path.is_dir():
         raise EarlyError(f"{path} is a directory; the export is one file")
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:
         raise EarlyError(exists_message(path))
 
 
-def check_output_dir(output: Optional[PathLike], *, force: bool, empty_is_free: bool = False) -> None:
-    """An output folder that exists without --force (stvit_core.files.atomic_directory; ``empty_is_free``: an empty
-    folder is used as it is, as ``stvit vis`` and ``stvit demo`` do)."""
-    if output is None or force:
-        return
+def check_output_dir(output: Optional[PathLike], *, force: bool) -> None:
+    """stvit_core.files.atomic_directory: an output folder that exists (a dangling symbolic link too) without
+    --force."""
+    if output is not None and not force and os.path.lexists(output):
+        raise EarlyError(exists_message(Path(output)))
+
+
+def check_figures_folder(output: PathLike, *, force: bool) -> None:
+    """stvit_core.vis.check_vis_output: a folder that holds files, without --force (an empty one is used)."""
     path = Path(output)
-    if empty_is_free and path.is_dir() and not any(path.iterdir()):
-        return
-    if path.exists():
+    if path.is_dir() and any(path.iterdir()) and not force:
         raise EarlyError(exists_message(path))
 
 

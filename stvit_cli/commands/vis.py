@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from ._checks import check_output_dir, check_some_input_exists
+from ._checks import check_figures_folder, check_some_input_exists
 from ._common import (
     LibraryOption,
     device_option,
@@ -65,7 +65,7 @@ def vis(model: str, images: Tuple[str, ...], output: str, force: bool, num_seman
       stvit vis stvit-r-swin_small-w9 street.jpg --output vis --unit 0 --layer 0 --json
     """
     # plain arguments first, before stvit_core (torch) is imported: a wrong path fails at once
-    check_output_dir(output, force=force, empty_is_free=True)
+    check_figures_folder(output, force=force)
     check_some_input_exists(images)
 
     from stvit_core import load_model
