@@ -127,10 +127,16 @@ def _early_message(call):
 
 
 def test_data_folder_lines_are_the_library_lines(paths):
-    for spec in (str(paths / "nonexistent"), str(paths / "a-file"), str(paths / "nonexistent") + "/"):
-        assert _early_message(lambda: _checks.check_data_folder(spec)) == _library_message(
-            lambda: split_folder(resolve_data_root(spec), "val"), DataError)
-    _checks.check_data_folder("fashion-mnist")  # the embedded set, whatever the current folder holds
+    (paths / "train-only" / "train" / "cat").mkdir(parents=True)
+    (paths / "val-only" / "validation" / "cat").mkdir(parents=True)
+    for spec, split in ((str(paths / "nonexistent"), "val"), (str(paths / "a-file"), "val"),
+                        (str(paths / "nonexistent") + "/", "val"), (str(paths / "train-only"), "val"),
+                        (str(paths / "val-only"), "train")):
+        assert _early_message(lambda: _checks.check_data_folder(spec, split)) == _library_message(
+            lambda: split_folder(resolve_data_root(spec), split), DataError)
+    for spec, split in (("fashion-mnist", "val"), (str(paths / "val-only"), "val"), (str(paths / "full"), "val")):
+        _checks.check_data_folder(spec, split)  # the embedded set, a split folder, class folders: as the library
+        split_folder(resolve_data_root(spec), split)
 
 
 def test_output_file_lines_are_the_library_lines(paths):

@@ -19,8 +19,10 @@ PathLike = Union[str, os.PathLike]
 USAGE_EXIT_CODE = 2  # an invalid argument (stvit_core.errors.InvalidArgumentError)
 FAILURE_EXIT_CODE = 1  # a missing file, an existing output (the other stvit_core errors)
 
-# stvit_core.data.resolve_data_root: the names of the embedded dataset
+# stvit_core.data: the names of the embedded dataset (resolve_data_root) and of a root's split folders
 EMBEDDED_DATA_NAMES = ("embedded", "fashion-mnist", "fashion_mnist", "fashion_mnist_subset")
+TRAIN_FOLDER_NAMES = ("train", "training")
+EVAL_FOLDER_NAMES = ("val", "validation", "valid", "eval", "evaluation", "test")
 
 
 class EarlyError(click.ClickException):
@@ -48,8 +50,9 @@ def exists_message(output: PathLike) -> str:
     return f"{output} already exists (use --force to overwrite)"
 
 
-def check_data_folder(spec: str) -> None:
-    """stvit_core.data.resolve_data_root + split_folder: the data folder exists and is a folder."""
+def check_data_folder(spec: str, split: str = "val") -> None:
+    """stvit_core.data.resolve_data_root + split_folder: the data folder exists, is a folder, and a root of split
+    folders has one for ``split``."""
     if spec.lower() in EMBEDDED_DATA_NAMES:
         return
     folder = Path(spec)
@@ -57,6 +60,10 @@ def check_data_folder(spec: str) -> None:
         raise EarlyError(f"{folder} is a file: the data is a folder of class folders (or a root with train/ and val/)")
     if not folder.is_dir():
         raise EarlyError(f"data folder not found: {folder}")
+    names = TRAIN_FOLDER_NAMES if split in TRAIN_FOLDER_NAMES else EVAL_FOLDER_NAMES
+    if not any((folder / name).is_dir() for name in (split, *names)) and any(
+            (folder / name).is_dir() for name in TRAIN_FOLDER_NAMES + EVAL_FOLDER_NAMES):
+        raise EarlyError(f"{folder} has no '{split}' folder")
 
 
 def check_output_file(output: PathLike, *, force: bool) -> None:
