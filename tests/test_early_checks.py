@@ -85,6 +85,10 @@ def test_every_command_checks_plain_arguments_before_importing_torch(paths):
         (["pull", "alice/x", "-o", p("full")], 1, f"{p('full')} already exists (use --force to overwrite)"),
         (["pull", "alice/x", "--force"], 2, "--force applies to --output only"),
         (["demo", "-o", p("full")], 1, f"{p('full')} already exists (use --force to overwrite)"),
+        (["finetune", "-m", "deit_tiny", "-d", p("nonexistent"), "-o", p("ft")], 1,
+         f"data folder not found: {p('nonexistent')}"),
+        (["finetune", "-m", "deit_tiny", "-d", "fashion-mnist", "-o", p("ft"), "--checkpoint", p("none.pth")], 1,
+         f"checkpoint not found: {p('none.pth')}"),
     ]
     report = _run_fresh(cases)
     for (args, code, fragment), result in zip(cases, report["results"]):

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import click
 from click.core import ParameterSource
 
+from . import _checks
 from ._common import (
     LibraryOption,
     device_option,
@@ -233,6 +234,8 @@ def finetune(model_spec: str, data: str, output: str, tokens: Optional[int], num
       stvit finetune -m runs/fm/best -d fashion-mnist -o runs/fm --resume runs/fm/checkpoints/last.pth
       torchrun --nproc_per_node 8 -m stvit_cli finetune -m stvit-deit-s -d /data/imagenet -o runs/ft --amp bf16
     """
+    _checks.check_data_folder(data, "train")  # before the seconds of importing torch
+    _checks.check_checkpoint_file(checkpoint)
     from stvit_core import load_model
     from stvit_core import train as st
     from stvit_core.data import resolve_data_root, split_folder
