@@ -5,7 +5,7 @@ the paper's Table 14 GMACs, CPU throughput, and mIoU curves on the pasted-object
     python benchmarks/segmentation.py flops                        # Table 14 at 512x512, about a minute
     OMP_NUM_THREADS=2 python benchmarks/segmentation.py speed --batch-size 1 4 --rounds 5
     OMP_NUM_THREADS=1 python benchmarks/segmentation.py speed --batch-size 1 4 --rounds 5 --cpu-time   # busy host
-    OMP_NUM_THREADS=2 python benchmarks/segmentation.py train --steps 600 --eval-every 100
+    OMP_NUM_THREADS=1 python benchmarks/segmentation.py train               # about 3 minutes of CPU time
 
 ``flops``: backbone GMACs (attention matmuls counted: stvit_core.flops.count_flops, the fvcore convention of the
 paper) of timm's Swin-S/B and STViT-R-Swin-S/B in both layouts, and of the whole UPerNet (smp's defaults: decoder
@@ -178,12 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     q.add_argument("--rounds", type=int, default=5)
     q.add_argument("--cpu-time", action="store_true", help="process CPU time (needs OMP_NUM_THREADS=1)")
     q = sub.add_parser("train", help="mIoU curves of STViT-R-Swin-T and Swin-T under the same UPerNet")
-    q.add_argument("--steps", type=int, default=600)
-    q.add_argument("--eval-every", type=int, default=100)
-    q.add_argument("--size", type=int, default=96, help="square image side (a multiple of 32)")
-    q.add_argument("--embed-dim", type=int, default=48, help="width of stage 1 (96 is Swin-T's)")
+    q.add_argument("--steps", type=int, default=300)
+    q.add_argument("--eval-every", type=int, default=50)
+    q.add_argument("--size", type=int, default=64, help="square image side (a multiple of 32)")
+    q.add_argument("--embed-dim", type=int, default=32, help="width of stage 1 (96 is Swin-T's)")
     q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--lr", type=float, default=2e-3)
     q.add_argument("--num-images", type=int, default=2048)
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--output", help="write the curves as JSON")

@@ -129,7 +129,7 @@ def _encoder_kind(name: str, model_kwargs: Mapping[str, Any]) -> Tuple[str, bool
             "segmentation encoder; use its STViT-R version (stvit_r_*), which recovers the full-resolution map")
     reductions = list(features.feature_info.reduction())
     any_size = hasattr(features.model, "dynamic_img_size")
-    if reductions[-len(_PYRAMID):] == _PYRAMID or reductions == [2, 4, 8, 16, 32]:
+    if reductions[-len(_PYRAMID):] == _PYRAMID:  # Swin's 4-32; CNNs' 2-32 (smp takes both)
         return "pyramid", any_size
     if set(reductions) == {16}:
         return "plain", any_size
