@@ -31,8 +31,8 @@ from .test_benchmark_scripts import load_script
 from .test_detection import doc_example
 
 STVIT_R = sorted(timm.list_models("stvit_r_*"))
-# every STViT-R model in both Swin layouts (narrow widths, the depths and layouts of the model); tiny in the fast tier
-ENCODERS = [pytest.param(name, kwargs, marks=() if "tiny" in name else pytest.mark.slow)
+# every STViT-R model in both Swin layouts (narrow widths, the model's depths and layout); Swin-S/B slow
+ENCODERS = [pytest.param(name, kwargs, marks=pytest.mark.slow if "swin" in name and "tiny" not in name else ())
             for name in STVIT_R for kwargs in ([{}, {"layout": "detection"}] if "swin" in name else [{}])]
 TINY_SWIN = dict(embed_dim=32, num_heads=(1, 2, 4, 8))
 NARROW_VIT = dict(embed_dim=48, num_heads=3)
