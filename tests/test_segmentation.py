@@ -207,7 +207,7 @@ def test_benchmark_script_trains_both_models(tmp_path, capsys):
     assert "| step |" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # counts six backbones and six UPerNets at 512x512 on the meta device: about two minutes
+@pytest.mark.slow  # counts six backbones and six UPerNets at 512x512 on the meta device: about 35 s
 def test_table_14_in_the_docs_is_what_the_script_prints(capsys):
     load_script("segmentation").main(["flops"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| Swin", "| STViT"))]
