@@ -5,6 +5,7 @@ onnxruntime) and the benchmark script's training job."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 
@@ -30,6 +31,7 @@ from .conftest import REPO_ROOT
 from .test_benchmark_scripts import load_script
 from .test_detection import doc_example
 
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 STVIT_R = sorted(timm.list_models("stvit_r_*"))
 # every STViT-R model in both Swin layouts (narrow widths, the model's depths and layout); Swin-S/B slow
 ENCODERS = [pytest.param(name, kwargs, marks=pytest.mark.slow if "swin" in name and "tiny" not in name else ())
@@ -106,6 +108,25 @@ def test_pretrained_weights_reach_the_encoder(tmp_path, name, kwargs):
     assert len(loaded) > 10 and set(loaded) <= set(expected)
     for n, p in loaded.items():
         torch.testing.assert_close(p, expected[n], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["classification", "detection"])
+def test_the_release_imagenet_weights_reach_the_encoder(tmp_path, layout):
+    # timm's pretrained machinery pointed at a local copy of the release file (the Hub download itself is tested in
+    # test_detection_backbone.py): smp's encoder holds exactly what timm loads for the same name
+    release = tmp_path / "STViT-R-Swin-S.pth"
+    release.write_bytes(gzip.decompress((FIXTURES / "stvit_r_swin_release_tiny.pth.gz").read_bytes()))
+    kwargs = dict(embed_dim=8, num_heads=(2, 4, 8, 16), layout=layout,  # the fixture's width
+                  pretrained_cfg_overlay=dict(file=str(release)))
+    name = "stvit_r_swin_small_patch4_window7_224"
+    model = create_segmentation_model("UPerNet", name, 5, pretrained=True, model_kwargs=kwargs)
+    expected = timm.create_model(name, pretrained=True, num_classes=10,  # the fixture's head
+                                 **dict(kwargs, pretrained_cfg_overlay=dict(file=str(release), num_classes=10)))
+    expected = expected.state_dict()
+    loaded = {re.sub(r"^layers_(\d+)", r"layers.\1", n.removeprefix("model.")): v  # timm's feature wrappers
+              for n, v in model.encoder.model.state_dict().items()}
+    assert len(loaded) > 100 and set(loaded) <= set(expected)
+    assert [n for n, v in loaded.items() if not torch.equal(v, expected[n])] == []
 
 
 def test_pasted_objects_masks_are_the_detection_masks():
