@@ -11,9 +11,14 @@ STAMP  := $(VENV)/.stvit-installed
 
 .PHONY: demo test test-all lint venv clean
 
+# TORCH_INDEX: where PyTorch comes from, e.g. https://download.pytorch.org/whl/cpu for a CPU-only build (PyPI's
+# default for Linux brings several GB of CUDA libraries); empty: PyPI.
+TORCH_INDEX ?=
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(if $(TORCH_INDEX),$(BIN)/python -m pip install --quiet torch torchvision --index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[test,plot]"
 	touch $(STAMP)
 
