@@ -167,21 +167,9 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, force: bool = True) -> No
     ``force`` False: an existing ``path`` is not replaced (OutputExistsError), even one that appeared meanwhile.
     """
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    except OSError as e:
-        raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        _place_file(Path(tmp), path, force)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk, a folder in the way: name the file, not the temporary name
-            raise StvitError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+    with temporary_file(path) as tmp:
+        tmp.write_bytes(data)
+        rename_into_place(tmp, path, force=force)
 
 
 def copy_file(source: PathLike, path: PathLike, *, force: bool = True) -> None:

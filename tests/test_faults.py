@@ -85,23 +85,13 @@ def test_convert_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_under_a_plain_write_names_the_file(tmp_path, monkeypatch):
-    real_fdopen = os.fdopen
+    real_write_bytes = Path.write_bytes
 
-    class FullFile:
-        def __init__(self, fd, mode):
-            self.file = real_fdopen(fd, mode)
+    def full_disk(self, data):  # part of the data lands, then the disk is full
+        real_write_bytes(self, data[:10])
+        raise OSError(errno.ENOSPC, NO_SPACE)
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            self.file.write(data[:10])
-            raise OSError(errno.ENOSPC, NO_SPACE)
-
-    monkeypatch.setattr(files.os, "fdopen", FullFile)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     with pytest.raises(StvitError, match=f"^cannot write {tmp_path / 'metrics.csv'}: {NO_SPACE}$"):
         atomic_write_bytes(tmp_path / "metrics.csv", b"epoch\n1\n")
     assert list(tmp_path.iterdir()) == []
@@ -240,16 +230,14 @@ def test_sigterm_during_export_leaves_no_temporary_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ two writers
 
-def test_of_two_writers_of_one_folder_exactly_one_wins(tmp_path):
-    out = tmp_path / "conv"
-    both_inside = threading.Barrier(2)
+def race(write) -> tuple:
+    """Writers "a" and "b" run ``write(name, both_ready)`` in two threads; returns (winner, the loser's error)."""
+    both_ready = threading.Barrier(2)
     outcome = {}
 
     def writer(name: str) -> None:
         try:
-            with atomic_directory(out) as tmp:
-                (tmp / "who").write_text(name)
-                both_inside.wait(timeout=30)
+            write(name, both_ready)
             outcome[name] = "won"
         except OutputExistsError as e:
             outcome[name] = str(e)
@@ -261,9 +249,20 @@ def test_of_two_writers_of_one_folder_exactly_one_wins(tmp_path):
         t.join()
     winner = [n for n, o in outcome.items() if o == "won"]
     assert len(winner) == 1, outcome
-    loser = ({"a", "b"} - set(winner)).pop()
-    assert outcome[loser] == f"{out} already exists (use --force to overwrite)"
-    assert (out / "who").read_text() == winner[0]
+    return winner[0], outcome[({"a", "b"} - set(winner)).pop()]
+
+
+def test_of_two_writers_of_one_folder_exactly_one_wins(tmp_path):
+    out = tmp_path / "conv"
+
+    def write(name, both_inside):
+        with atomic_directory(out) as tmp:
+            (tmp / "who").write_text(name)
+            both_inside.wait(timeout=30)
+
+    winner, loser = race(write)
+    assert loser == f"{out} already exists (use --force to overwrite)"
+    assert (out / "who").read_text() == winner
     assert leftovers(tmp_path) == []
 
 
@@ -281,27 +280,16 @@ def test_a_folder_that_appeared_meanwhile_is_not_replaced(tmp_path):
 
 def test_of_two_writers_of_one_file_exactly_one_wins(tmp_path):
     out = check_output_path(tmp_path / "m.onnx")
-    both_written = threading.Barrier(2)
-    outcome = {}
 
-    def writer(name: str) -> None:
+    def write(name, both_written):
         with temporary_file(out, suffix=".onnx") as tmp:
             tmp.write_text(name)
             both_written.wait(timeout=30)
-            try:
-                rename_into_place(tmp, out, force=False)
-                outcome[name] = "won"
-            except OutputExistsError as e:
-                outcome[name] = str(e)
+            rename_into_place(tmp, out, force=False)
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in "ab"]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winner = [n for n, o in outcome.items() if o == "won"]
-    assert len(winner) == 1 and out.read_text() == winner[0], outcome
-    assert outcome[({"a", "b"} - set(winner)).pop()] == f"{out} already exists (use --force to overwrite)"
+    winner, loser = race(write)
+    assert out.read_text() == winner
+    assert loser == f"{out} already exists (use --force to overwrite)"
     assert leftovers(tmp_path) == []
     atomic_write_bytes(out, b"forced")  # the default (metrics, checkpoints) replaces
     assert out.read_bytes() == b"forced"
