@@ -250,6 +250,14 @@ def state_dict_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any], l
     return "; ".join(parts)
 
 
+def load_state_dict_strictly(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Load ``state_dict`` into ``model`` strictly; when keys or shapes differ, one line: ``WHAT: missing ...``."""
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CheckpointError(f"{what}: {mismatch}")
+    model.load_state_dict(state_dict, strict=True)
+
+
 def looks_like_stvit(state_dict: Mapping[str, Any]) -> bool:
     """True for the weights of an STViT / STViT-R model (semantic token generator or dumbbell units)."""
     return any(_STVIT_KEY.search(k) for k in state_dict)

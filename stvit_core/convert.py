@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 
-from .checkpoint import load_state_dict_file, looks_like_stvit, save_model, state_dict_mismatch
+from .checkpoint import load_state_dict_file, load_state_dict_strictly, looks_like_stvit, save_model
 from .errors import CheckpointError, DownloadError, InvalidArgumentError, OutputExistsError, StvitError, first_line
 from .flops import count_flops, count_params
 from .hub_access import require_pretrained_weights
@@ -118,10 +118,7 @@ def _source_from_checkpoint(name: str, checkpoint: Union[str, os.PathLike], **kw
         state_dict = _source_filter(model)(state_dict, model)
     except Exception as e:  # a foreign layout can fail inside the family's filter
         raise CheckpointError(f"{checkpoint} does not fit {name}: {first_line(e)}") from None
-    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise CheckpointError(f"{checkpoint} does not fit {name}: {mismatch}")
-    model.load_state_dict(state_dict, strict=True)
+    load_state_dict_strictly(model, state_dict, f"{checkpoint} does not fit {name}")
     return model
 
 
@@ -215,17 +212,10 @@ def _build_converted(source: nn.Module, arch: str, args: Dict[str, Any], filter_
         raise
     except ValueError as e:  # an argument the architecture cannot take, or a source of another depth
         raise InvalidArgumentError(str(e)) from None
-    _load_strictly(model, state_dict, "conversion left weights unmatched")
+    load_state_dict_strictly(model, state_dict, "conversion left weights unmatched")
     _copy_data_config(source, model)
     model.stvit_model_args = _json_args(args)
     return model
-
-
-def _load_strictly(model: nn.Module, state_dict: Dict[str, torch.Tensor], what: str) -> None:
-    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise CheckpointError(f"{what}: {mismatch}")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _json_args(args: Dict[str, Any]) -> Dict[str, Any]:
@@ -362,7 +352,7 @@ def _build_release_model(arch: str, args: Dict[str, Any], state_dict: Dict[str, 
         filtered = swin_checkpoint_filter_fn(state_dict, model)
     except ValueError as e:
         raise CheckpointError(f"cannot convert the {what} checkpoint: {e}") from None
-    _load_strictly(model, filtered, f"{what} checkpoint does not fit {arch}")
+    load_state_dict_strictly(model, filtered, f"{what} checkpoint does not fit {arch}")
     return model
 
 

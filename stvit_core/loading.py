@@ -30,9 +30,9 @@ from . import models  # noqa: F401  (registers the STViT architectures with timm
 from .checkpoint import (
     load_saved_model,
     load_state_dict_file,
+    load_state_dict_strictly,
     names_a_saved_model,
     read_saved_config,
-    state_dict_mismatch,
 )
 from .convert import (
     DEFAULT_TOKENS,
@@ -176,11 +176,8 @@ def _converted(name: str, conversion: Dict[str, Any], *, pretrained: bool, check
 
 
 def _load_weights(model: nn.Module, checkpoint: PathLike) -> None:
-    state_dict = load_state_dict_file(checkpoint)
-    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
-    if mismatch:
-        raise CheckpointError(f"{checkpoint} does not fit {architecture_of(model)}: {mismatch}")
-    model.load_state_dict(state_dict)
+    load_state_dict_strictly(model, load_state_dict_file(checkpoint),
+                             f"{checkpoint} does not fit {architecture_of(model)}")
 
 
 def _recorded_metadata(spec: str) -> Dict[str, Any]:
