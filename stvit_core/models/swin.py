@@ -559,8 +559,6 @@ class DetectionSwinTransformer(RecoverySwinTransformer):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """As the classification layout's, but every map goes through its own feature norm (the released
         backbone's outputs), so ``norm`` does not apply."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         if norm:
             raise ValueError("norm=True does not apply to the detection layout: every map has its feature norm")
         return super().forward_intermediates(x, indices, False, stop_early, output_fmt, intermediates_only)
